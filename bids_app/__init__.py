@@ -1,0 +1,7 @@
+"""tractoscale: a BIDS App for diffusion MRI."""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("tractoscale")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"

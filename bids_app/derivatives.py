@@ -1,0 +1,213 @@
+"""BIDS-derivatives hygiene: names, atomic writes, dataset_description.json.
+
+Every file tractoscale writes into ``output_dir`` goes through :func:`atomic_write`
+(a hidden temporary name in the same folder, renamed when complete), so a crash
+or a kill never leaves a half-written file under a real name.  Shared files are
+updated under a :class:`filelock.FileLock` so concurrent participant runs (array
+jobs) can share one output folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from filelock import FileLock
+
+from . import __version__
+from .errors import OutputError
+
+PIPELINE_NAME = "tractoscale"
+CODE_URL = "https://github.com/tractoscale/tractoscale"
+
+# Entity order used for every file name we build (BIDS core order, then the
+# BEP016 model/param and BEP046 tract/track entities).
+ENTITY_ORDER = (
+    "sub", "ses", "acq", "rec", "dir", "run", "space", "res", "model", "param",
+    "label", "tract", "track", "desc",
+)
+# pybids long names -> short keys
+LONG_TO_SHORT = {
+    "subject": "sub", "session": "ses", "acquisition": "acq",
+    "reconstruction": "rec", "direction": "dir", "run": "run",
+}
+
+
+def bids_name(entities: dict, suffix: str, extension: str) -> str:
+    """Build ``sub-01_ses-A_model-tensor_param-fa_dwimap.nii.gz`` from short-key entities."""
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown entities {sorted(unknown)}")
+    parts = [f"{k}-{entities[k]}" for k in ENTITY_ORDER if entities.get(k) not in (None, "")]
+    if not extension.startswith("."):
+        extension = "." + extension
+    return "_".join(parts + [suffix]) + extension
+
+
+def subject_dir(output_dir: Path, entities: dict, datatype: str = "dwi") -> Path:
+    """``output_dir/sub-X[/ses-Y]/<datatype>``."""
+    d = Path(output_dir) / f"sub-{entities['sub']}"
+    if entities.get("ses"):
+        d = d / f"ses-{entities['ses']}"
+    return d / datatype
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    The temporary name is hidden (starts with '.') and keeps the extension so
+    libraries that choose a format by extension (nibabel, trx) still work.  On
+    any exception the temporary file is removed and the real name is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+    name = path.name
+    stem, ext = name, ""
+    for e in (".nii.gz", ".tsv.gz", ".trx", ".json", ".tsv", ".nii", ".tck", ".trk", ".png", ".html",
+              ".npz", ".txt", ".h5"):
+        if name.endswith(e):
+            stem, ext = name[: -len(e)], e
+            break
+    tmp = path.parent / f".{stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_json(path: Path | str, data: dict) -> Path:
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path | str, *, header=None,
+               dtype=np.float32, sidecar: dict | None = None) -> Path:
+    """Write a NIfTI atomically (and its JSON sidecar, if given, next to it)."""
+    path = Path(path)
+    arr = np.asarray(data).astype(dtype, copy=False)
+    img = nib.Nifti1Image(arr, affine, header=header)
+    img.set_data_dtype(dtype)
+    if header is not None:
+        img.set_qform(affine, code=max(int(header["qform_code"]), 1))
+        img.set_sform(affine, code=max(int(header["sform_code"]), 1))
+    else:
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_write(path) as tmp:
+        nib.save(img, tmp)
+    if sidecar is not None:
+        write_json(sidecar_path(path), sidecar)
+    return path
+
+
+def sidecar_path(path: Path | str) -> Path:
+    path = Path(path)
+    name = path.name
+    for e in (".nii.gz", ".nii", ".trx", ".tsv", ".tck", ".trk"):
+        if name.endswith(e):
+            return path.with_name(name[: -len(e)] + ".json")
+    return path.with_suffix(".json")
+
+
+def container_info() -> dict | None:
+    """Container type and tag from the environment (set by our Dockerfile, or by Apptainer)."""
+    ctype = os.environ.get("TRACTOSCALE_CONTAINER_TYPE")
+    tag = os.environ.get("TRACTOSCALE_CONTAINER_TAG")
+    if not ctype and (os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")):
+        ctype = "singularity"
+        tag = tag or os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if not ctype:
+        return None
+    info = {"Type": ctype}
+    if tag:
+        info["Tag"] = tag
+    return info
+
+
+def generated_by() -> dict:
+    entry = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL}
+    container = container_info()
+    if container:
+        entry["Container"] = container
+    return entry
+
+
+def ensure_dataset_description(output_dir: Path | str, raw_dir: Path | str | None,
+                               links: dict[str, Path | str] | None = None) -> Path:
+    """Create or update ``output_dir/dataset_description.json`` under a file lock.
+
+    Safe for many participant runs starting at once: the lock serialises them,
+    the write is atomic, and an existing description from a previous run is
+    merged (source datasets accumulated) rather than overwritten.
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {output_dir}: {exc.strerror}") from None
+    path = output_dir / "dataset_description.json"
+    with FileLock(str(output_dir / ".dataset_description.json.lock"), timeout=120):
+        desc = {}
+        if path.exists():
+            try:
+                desc = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                desc = {}
+        desc.setdefault("Name", "tractoscale derivatives")
+        desc["BIDSVersion"] = "1.10.0"
+        desc["DatasetType"] = "derivative"
+        gen = [g for g in desc.get("GeneratedBy", []) if g.get("Name") != PIPELINE_NAME]
+        desc["GeneratedBy"] = [generated_by()] + gen
+        sources = list(desc.get("SourceDatasets", []))
+        new = []
+        if raw_dir is not None:
+            new.append({"URL": Path(raw_dir).resolve().as_uri()})
+            desc.setdefault("DatasetLinks", {})["raw"] = Path(raw_dir).resolve().as_uri()
+        for key, s in (links or {}).items():
+            new.append({"URL": Path(s).resolve().as_uri()})
+            desc.setdefault("DatasetLinks", {})[key] = Path(s).resolve().as_uri()
+        for s in new:
+            if s not in sources:
+                sources.append(s)
+        if sources:
+            desc["SourceDatasets"] = sources
+        write_json(path, desc)
+        ignore = output_dir / ".bidsignore"
+        if not ignore.exists():
+            with atomic_write(ignore) as tmp:
+                tmp.write_text("logs/\nwork/\n*.trx\n*_tractogram.json\n")
+    return path
+
+
+def shared_lock(path: Path | str, timeout: float = 600) -> FileLock:
+    """A file lock beside a shared output (group tables etc.)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout)

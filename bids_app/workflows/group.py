@@ -1,0 +1,42 @@
+"""Group level: TBSS-style statistics on the FA maps, then atlas-based bundle
+segmentation and tract profiles on the tractograms.  Reads only what the
+participant level wrote into output_dir; work runs on one executor (a local
+process pool, or Dask when --dask-scheduler is given)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import NoInputError
+from .participant import prepare
+
+log = logging.getLogger("tractoscale.group")
+
+
+def _has_tractograms(output_dir: Path) -> bool:
+    return any(Path(output_dir).glob("sub-*/**/dwi/*_tractogram.trx"))
+
+
+def run_group_level(args) -> int:
+    from ..group import bundles, tbss
+    from ..group.executor import make_executor
+
+    prepare(args)
+    if not any(Path(args.output_dir).glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
+        raise NoInputError(f"no participant outputs (FA maps) in {args.output_dir}: "
+                           "run the participant level first")
+    participants = [{"sub": s} for s in args.participant_label] if args.participant_label else None
+    with make_executor(args.nthreads, getattr(args, "dask_scheduler", None)) as executor:
+        result = tbss.run_tbss(bids_dir=args.bids_dir, output_dir=args.output_dir,
+                               participants=participants, args=args, executor=executor)
+        log.info("TBSS: %s", result)
+        if getattr(args, "skip_segmentation", False):
+            pass
+        elif _has_tractograms(args.output_dir):
+            seg = bundles.run_segmentation(bids_dir=args.bids_dir, output_dir=args.output_dir,
+                                           participants=participants, args=args, executor=executor)
+            log.info("segmentation: %s", seg)
+        else:
+            log.warning("no tractograms in %s: bundle segmentation skipped", args.output_dir)
+    print(f"group level done; outputs in {Path(args.output_dir) / 'group'}")
+    return 0

@@ -1,0 +1,61 @@
+"""Shared fixtures: one small demo dataset and one participant-level run per test session.
+
+The CUDA simulator is switched on before numba is imported so the CUDA kernels'
+Python path runs in CI (no GPU there); `--device auto` ignores the simulator.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tractoscale_cmd() -> list[str]:
+    exe = shutil.which("tractoscale")
+    if exe and Path(exe).resolve().parent == Path(sys.executable).resolve().parent:
+        return [exe]
+    return [sys.executable, "-m", "bids_app.cli"]
+
+
+def run_cli(*args, check=False, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run(tractoscale_cmd() + [str(a) for a in args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tractoscale {' '.join(map(str, args))} -> {proc.returncode}\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_bids(tmp_path_factory) -> Path:
+    """A 2-subject small demo dataset (one control, one patient)."""
+    from bids_app.demo import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "bids", n_subjects=2, size="small", seed=1)
+
+
+@pytest.fixture(scope="session")
+def participant_run(demo_bids, tmp_path_factory):
+    """The demo dataset through the real CLI: CSA model, default tracking settings."""
+    out = tmp_path_factory.mktemp("deriv") / "derivatives"
+    proc = run_cli(demo_bids, out, "participant", "--odf-model", "csa", "--skip-bids-validation",
+                   "--nthreads", "2", "-v", check=True)
+    return out, proc
+
+
+@pytest.fixture
+def demo_copy(demo_bids, tmp_path) -> Path:
+    """A private, writable copy of the demo dataset (for tests that break it)."""
+    dst = tmp_path / "bids"
+    shutil.copytree(demo_bids, dst, ignore=shutil.ignore_patterns("sourcedata"))
+    return dst

@@ -1,0 +1,91 @@
+"""Command-line handling and exit codes through the real `tractoscale` command."""
+import json
+import shutil
+
+import pytest
+
+from bids_app import __version__
+from bids_app.cli import build_parser
+from conftest import run_cli
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"tractoscale {__version__}"
+    assert __version__ != "0+unknown"
+
+
+def test_help_lists_bids_app_flags():
+    text = build_parser().format_help()
+    for flag in ("--participant-label", "--session-label", "--skip-bids-validation", "--work-dir",
+                 "--nthreads", "--omp-nthreads", "--mem", "--bids-filter-file", "--bids-database-dir",
+                 "--device", "--odf-model", "--sh-order", "--input-derivatives", "--force"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["{bids}", "{out}", "subject"], 17, "unknown analysis level"),
+    (["{bids}", "{out}", "participant", "--no-such-flag"], 64, "unrecognized arguments"),
+    (["{bids}", "{out}", "participant", "--participant-label", "99"], 64, "unknown participant label"),
+    (["{bids}", "{out}", "participant", "--device", "tpu"], 64, "invalid choice"),
+    (["{bids}", "{out}", "participant", "--nthreads", "0"], 64, "--nthreads"),
+    (["{bids}", "{out}", "participant", "--sh-order", "5"], 64, "even"),
+    (["{bids}/missing", "{out}", "participant"], 66, "does not exist"),
+    (["{bids}", "{bids}/sub-01/out", "participant"], 64, "inside the input dataset"),
+    (["{bids}", "{out}", "participant", "--bids-filter-file", "{bids}/nofilter.json"], 66, "does not exist"),
+])
+def test_user_mistakes_exit_codes(demo_bids, tmp_path, args, code, words):
+    args = [a.format(bids=demo_bids, out=tmp_path / "out") for a in args]
+    proc = run_cli(*args, "--skip-bids-validation")
+    assert proc.returncode == code, proc.stderr
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert not (tmp_path / "out" / "sub-01").exists()
+
+
+def test_labels_with_and_without_prefix_and_underscore_alias(demo_bids):
+    p = build_parser()
+    from bids_app.cli import _labels
+    a = p.parse_args([str(demo_bids), "o", "participant", "--participant_label", "sub-01", "02"])
+    assert _labels(a.participant_label) == ["01", "02"]
+    a = p.parse_args([str(demo_bids), "o", "participant", "--session_label", "ses-A"])
+    assert a.session_label == ["ses-A"]
+
+
+def test_validation_failure_exit_16(demo_copy, tmp_path):
+    # a file the BIDS validator must reject: a NIfTI with an unknown suffix
+    shutil.copy(demo_copy / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", demo_copy / "sub-01" / "dwi" / "sub-01_bogus.nii.gz")
+    proc = run_cli(demo_copy, tmp_path / "out", "participant", "--participant-label", "01")
+    assert proc.returncode == 16, proc.stderr
+    assert "not valid BIDS" in proc.stderr and "--skip-bids-validation" in proc.stderr
+
+
+def test_filter_matching_nothing_exit_18(demo_bids, tmp_path):
+    f = tmp_path / "filter.json"
+    f.write_text(json.dumps({"dwi": {"acquisition": "nonexistent"}}))
+    proc = run_cli(demo_bids, tmp_path / "out", "participant", "--bids-filter-file", f, "--skip-bids-validation")
+    assert proc.returncode == 18, proc.stderr
+    assert "no DWI matches" in proc.stderr
+
+
+def test_bad_filter_file(demo_bids, tmp_path):
+    f = tmp_path / "filter.json"
+    f.write_text("{not json")
+    proc = run_cli(demo_bids, tmp_path / "out", "participant", "--bids-filter-file", f, "--skip-bids-validation")
+    assert proc.returncode == 64 and "not valid JSON" in proc.stderr
+
+
+def test_subject_without_dwi(demo_copy, tmp_path):
+    shutil.rmtree(demo_copy / "sub-02" / "dwi")
+    (demo_copy / "sub-02" / "anat").mkdir(exist_ok=True)
+    proc = run_cli(demo_copy, tmp_path / "out", "participant", "--participant-label", "02", "--skip-bids-validation")
+    assert proc.returncode == 66 and "no DWI found" in proc.stderr
+
+
+def test_output_not_creatable(demo_bids, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_cli(demo_bids, blocker / "out", "participant", "--skip-bids-validation")
+    assert proc.returncode == 73, proc.stderr
