@@ -156,7 +156,25 @@ def _limit_threads(args):
         os.environ.setdefault("NUMBA_NUM_THREADS", str(min(args.nthreads, os.cpu_count() or 1)))
 
 
+def _ensure_numba_cache_dir():
+    """Numba's cache must be writable or every cached kernel import fails; fall back to a private
+    temporary folder (e.g. another user's /tmp/numba_cache on a shared cluster node)."""
+    import tempfile
+    path = os.environ.get("NUMBA_CACHE_DIR")
+    if path:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK | os.X_OK):
+                return
+        except OSError:
+            pass
+    elif os.access(Path.home(), os.W_OK):
+        return  # numba's default (beside the package or in ~/.cache) is usable
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tractoscale-numba-")
+
+
 def main(argv=None) -> int:
+    _ensure_numba_cache_dir()
     try:
         code = run(argv)
     except TractoscaleError as exc:

@@ -140,9 +140,10 @@ def container_info() -> dict | None:
     """Container type and tag from the environment (set by our Dockerfile, or by Apptainer)."""
     ctype = os.environ.get("TRACTOSCALE_CONTAINER_TYPE")
     tag = os.environ.get("TRACTOSCALE_CONTAINER_TAG")
-    if not ctype and (os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")):
+    sif = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if sif:  # the image's own env says docker; Apptainer running it wins
         ctype = "singularity"
-        tag = tag or os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+        tag = tag or sif
     if not ctype:
         return None
     info = {"Type": ctype}

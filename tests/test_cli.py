@@ -89,3 +89,38 @@ def test_output_not_creatable(demo_bids, tmp_path):
     blocker.write_text("x")
     proc = run_cli(demo_bids, blocker / "out", "participant", "--skip-bids-validation")
     assert proc.returncode == 73, proc.stderr
+
+
+PROBE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from bids_app.cli import _ensure_numba_cache_dir
+_ensure_numba_cache_dir()
+from numba import njit
+
+@njit(cache=True)
+def f(x):
+    return x + 1
+
+f(1)
+d = os.environ["NUMBA_CACHE_DIR"]
+print(d, sum(len(fs) for _, _, fs in os.walk(d)))
+"""
+
+
+def test_unwritable_numba_cache_falls_back(tmp_path):
+    """A NUMBA_CACHE_DIR that cannot be created (under a regular file) is replaced by a private
+    writable folder before numba is imported, and compiled kernels are cached there."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(blocker / "cache"), "HOME": str(blocker)}
+    ok = subprocess.run([sys.executable, str(probe), str(ROOT)], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    new_dir, n_files = ok.stdout.split()
+    assert not new_dir.startswith(str(blocker)) and int(n_files) > 0

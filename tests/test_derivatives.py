@@ -64,3 +64,11 @@ def test_container_info_in_generated_by(tmp_path, monkeypatch):
     ensure_dataset_description(tmp_path, None)
     desc = json.loads((tmp_path / "dataset_description.json").read_text())
     assert desc["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "tractoscale/tractoscale:0.1.0"}
+
+
+def test_apptainer_wins_over_image_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACTOSCALE_CONTAINER_TYPE", "docker")
+    monkeypatch.setenv("TRACTOSCALE_CONTAINER_TAG", "tractoscale/tractoscale:0.1.0")
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/tractoscale.sif")
+    from bids_app.derivatives import container_info
+    assert container_info() == {"Type": "singularity", "Tag": "tractoscale/tractoscale:0.1.0"}

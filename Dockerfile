@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# tractoscale: BIDS App for diffusion MRI (CPU, or CUDA with the host's NVIDIA driver).
+#
+#   docker build --build-arg VERSION=0.1.0 -t tractoscale/tractoscale:0.1.0 .
+#
+# Needs BuildKit (Docker >= 23 uses it by default) for the source bind mount below.
+# Every step after the base image is docker/install.sh; CI runs that same script
+# (tests/test_container.py), so a broken install step fails the test suite.
+#
+# Base: the CUDA 12 "base" flavour (CUDA runtime library only). numba-cuda[cu12] installs NVVM,
+# NVRTC and nvJitLink as wheels, so the bigger "runtime" flavour's libraries (cuBLAS, cuFFT, NPP...)
+# would go unused. Ubuntu 24.04 provides Python 3.12.
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+# Keep this default equal to `version` in pyproject.toml (tests/test_container.py checks it);
+# install.sh fails the build if the installed package reports another version.
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+
+LABEL org.opencontainers.image.title="tractoscale" \
+      org.opencontainers.image.description="BIDS App for diffusion MRI: model maps, GPU/CPU tractography, TBSS-style group statistics and bundle segmentation" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.source="https://github.com/tractoscale/tractoscale" \
+      org.opencontainers.image.licenses="BSD-3-Clause"
+
+# Everything the app writes at run time goes under /tmp, so the image works with a read-only root
+# filesystem (docker run --read-only --tmpfs /tmp) and under `apptainer run --cleanenv`, which replaces
+# HOME with the host's: no setting below depends on HOME.
+# Kernels are linked to machine code by the nvJitLink wheel, so any CUDA 12 driver will do; the base
+# image's own requirement (the CUDA version of its runtime library, unused here) is relaxed to match.
+ENV PATH=/opt/tractoscale/bin:${PATH} \
+    TEMPLATEFLOW_HOME=/opt/templateflow \
+    TEMPLATEFLOW_AUTOUPDATE=0 \
+    NUMBA_CACHE_DIR=/tmp/numba_cache \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/.cache \
+    DENO_DIR=/tmp/deno \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    TRACTOSCALE_CONTAINER_TYPE=docker \
+    TRACTOSCALE_CONTAINER_TAG=tractoscale/tractoscale:${VERSION}
+
+# The source is bind-mounted (read-write, changes discarded), not copied: no source layer in the image.
+RUN --mount=type=bind,source=.,target=/src,rw \
+    bash /src/docker/install.sh --src /src --prefix /opt/tractoscale \
+        --templateflow-home /opt/templateflow --expect-version "${VERSION}" \
+        --user tractoscale --uid 10001
+
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["tractoscale"]
