@@ -252,7 +252,7 @@ def process_run(inp: DwiInput, args, work: Path) -> str:
             bar.set_postfix_str(f"tracking ({opts.method})")
             if todo["tracking"]:
                 tissue = (_tissue_maps(inp, dwi, out, mask)
-                          if opts.stop_method in ("act", "cmc") else None)
+                          if opts.stop_method in ("act", "cmc") or opts.seeding == "interface" else None)
                 sel = np.ones(dwi.bvals.shape, bool)
                 stats = trk.track_subject(
                     opts, dwi=dwi.data, gtab=dwi.gtab(sel), affine=dwi.affine, mask=mask, fa=fa, sh=sh,

@@ -1,0 +1,240 @@
+"""Tractography speed: tractoscale (CPU, and CUDA when a GPU is present) vs DIPY vs MRtrix3.
+
+Runs every tracker on the same demo subject, the same seeds and the same settings (probabilistic,
+step, max angle 30 deg, PMF threshold 0.1, FA > 0.1 stopping, 10-250 mm), each in its own
+process so that peak memory is its own, and prints seeds/s, streamlines/s, peak RSS and ratios.
+
+    python benchmarks/bench_tracking.py                  # full demo subject, 1 seed per WM voxel
+    python benchmarks/bench_tracking.py --size small --seeds-per-voxel 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- inputs
+def prepare_inputs(size: str, per_voxel: int, n_seeds: int | None, work: Path) -> Path:
+    from dipy.core.gradients import gradient_table
+    from dipy.data import get_sphere
+    from dipy.reconst.dti import TensorModel
+    from dipy.reconst.shm import CsaOdfModel, sh_to_sf_matrix
+
+    from bids_app.demo import demo_grid, make_gradients, simulate_subject
+    from kernels.engine import MaskSeeder
+
+    t0 = time.perf_counter()
+    shape, aff = demo_grid(size)
+    bvals, bvecs = make_gradients()
+    sub = simulate_subject(shape=shape, affine=aff, bvals=bvals, bvecs_voxel=bvecs, seed=1,
+                           size=size)
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    mask = sub.brain_mask
+    fa = np.nan_to_num(TensorModel(gtab).fit(sub.dwi, mask=mask).fa).astype(np.float32)
+    order = 6
+    fit = CsaOdfModel(gtab, sh_order_max=order, smooth=0.006).fit(sub.dwi, mask=mask)
+    sph = get_sphere(name="repulsion724")
+    b_desc, _ = sh_to_sf_matrix(sph, sh_order_max=order, basis_type="descoteaux07", legacy=True)
+    _, inv_t = sh_to_sf_matrix(sph, sh_order_max=order, basis_type="tournier07", legacy=False)
+    sh = (np.nan_to_num(fit.shm_coeff) @ (b_desc @ inv_t)).astype(np.float32)
+    seed_mask = (fa > 0.25) & mask
+    seeder = MaskSeeder(seed_mask, n_seeds=n_seeds, per_voxel=None if n_seeds else per_voxel,
+                        rng_seed=1)
+    seeds_vox = seeder.chunk(0, seeder.total)
+    seeds_world = seeds_vox @ aff[:3, :3].T + aff[:3, 3]
+    path = work / "inputs.npz"
+    np.savez(path, sh=sh, fa=fa, mask=mask, affine=aff, seed_mask=seed_mask,
+             seeds_world=seeds_world, step=0.5 * float(np.sqrt((aff[:3, :3] ** 2).sum(0)).min()))
+    print(f"inputs: {size} subject {shape}, {int(mask.sum())} brain voxels, "
+          f"{len(seeds_world)} seeds, prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- workers
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+SETTINGS = dict(max_angle=30.0, pmf_threshold=0.1, min_length=10.0, max_length=250.0,
+                stop_threshold=0.1)
+
+
+def worker_ours(inputs: Path, device: str, out_dir: Path) -> dict:
+    from bids_app.trx_writer import TrxStreamWriter
+    from kernels.engine import PointSeeder, TrackParams, Tracker, iter_chunks, prepare
+
+    d = np.load(inputs)
+    aff, step = d["affine"], float(d["step"])
+    params = TrackParams(step_size=step, rng_seed=1, **SETTINGS)
+    data = prepare(sh=d["sh"], affine=aff, params=params, stop_map=d["fa"] * d["mask"],
+                   mask=d["mask"])
+    tracker = Tracker(data, device)
+    seeds = PointSeeder(d["seeds_world"], affine=aff)
+    warm = PointSeeder(d["seeds_world"][:256], affine=aff)
+    for _ in iter_chunks(tracker, warm, 256):  # compile / load the cache outside the timing
+        pass
+    base = _rss_mb()
+    dt = float("inf")
+    for _ in range(REPEAT):  # best of REPEAT: the machine may be shared
+        t0 = time.perf_counter()
+        n_sl = n_pts = 0
+        with TrxStreamWriter(out_dir / f"ours_{device}.trx", aff, d["mask"].shape) as w:
+            for ch in iter_chunks(tracker, seeds, None):
+                w.append(ch.positions, ch.lengths)
+                n_sl += len(ch.lengths)
+                n_pts += len(ch.positions)
+        dt = min(dt, time.perf_counter() - t0)
+    return dict(name=f"tractoscale {device}", seconds=dt, n_seeds=seeds.total,
+                n_streamlines=n_sl, n_points=n_pts, peak_rss_mb=_peak_mb(),
+                tracking_rss_mb=_peak_mb() - base, odf_mode=data.odf_mode,
+                chunk=tracker.auto_chunk_size())
+
+
+def worker_dipy(inputs: Path, threads: int) -> dict:
+    from dipy.data import default_sphere
+    from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+    from dipy.tracking.tracker import probabilistic_tracking
+
+    d = np.load(inputs)
+    stop = ThresholdStoppingCriterion((d["fa"] * d["mask"]).astype(np.float64), SETTINGS["stop_threshold"])
+    sh = d["sh"].astype(np.float64)
+    kw = dict(sh=sh, sphere=default_sphere, basis_type="tournier07", legacy=False,
+              step_size=float(d["step"]), min_len=SETTINGS["min_length"],
+              max_len=SETTINGS["max_length"], max_angle=SETTINGS["max_angle"],
+              pmf_threshold=SETTINGS["pmf_threshold"], nbr_threads=threads, random_seed=1)
+    list(probabilistic_tracking(d["seeds_world"][:256], stop, d["affine"], **kw))  # warm-up
+    base = _rss_mb()
+    dt = float("inf")
+    for _ in range(REPEAT):
+        t0 = time.perf_counter()
+        sls = probabilistic_tracking(d["seeds_world"], stop, d["affine"], **kw)
+        n_sl = n_pts = 0
+        for s in sls:
+            n_sl += 1
+            n_pts += len(s)
+        del sls
+        dt = min(dt, time.perf_counter() - t0)
+    return dict(name=f"DIPY probabilistic_tracking ({threads} threads)", seconds=dt,
+                n_seeds=len(d["seeds_world"]), n_streamlines=n_sl, n_points=n_pts,
+                peak_rss_mb=_peak_mb(), tracking_rss_mb=_peak_mb() - base)
+
+
+def run_tckgen(inputs: Path, threads: int, work: Path) -> dict | None:
+    """MRtrix3 iFOD1 (probabilistic, first order) at matched settings, when installed."""
+    exe = shutil.which("tckgen")
+    if exe is None:
+        return None
+    import nibabel as nib
+    d = np.load(inputs)
+    aff = d["affine"]
+    nib.save(nib.Nifti1Image(d["sh"], aff), work / "sh.nii")
+    nib.save(nib.Nifti1Image(d["seed_mask"].astype(np.uint8), aff), work / "seed.nii")
+    nib.save(nib.Nifti1Image((d["fa"] * d["mask"]).astype(np.float32), aff), work / "fa.nii")
+    n = len(d["seeds_world"])
+    cmd = [exe, str(work / "sh.nii"), str(work / "mrtrix.tck"), "-algorithm", "iFOD1",
+           "-seed_image", str(work / "seed.nii"), "-seeds", str(n), "-step", str(float(d["step"])),
+           "-angle", str(SETTINGS["max_angle"]), "-minlength", str(SETTINGS["min_length"]),
+           "-maxlength", str(SETTINGS["max_length"]), "-mask", str(work / "seed.nii"),
+           "-nthreads", str(threads), "-force", "-quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd if Path("/usr/bin/time").exists()
+                          else cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print("tckgen failed:", proc.stderr[-500:])
+        return None
+    peak = float(proc.stderr.strip().splitlines()[-1]) / 1024 if Path("/usr/bin/time").exists() \
+        else float("nan")
+    n_sl = int(nib.streamlines.load(str(work / "mrtrix.tck"), lazy_load=True).header["count"])
+    return dict(name=f"MRtrix3 tckgen iFOD1 ({threads} threads)", seconds=dt, n_seeds=n,
+                n_streamlines=n_sl, n_points=-1, peak_rss_mb=peak, tracking_rss_mb=float("nan"))
+
+
+def _spawn(args: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, __file__] + args, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="full", choices=("small", "full"))
+    p.add_argument("--seeds-per-voxel", type=int, default=1)
+    p.add_argument("--n-seeds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--skip-dipy", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--worker", choices=("cpu", "cuda", "dipy"), help=argparse.SUPPRESS)
+    p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        if a.worker == "dipy":
+            res = worker_dipy(a.inputs, a.threads)
+        else:
+            res = worker_ours(a.inputs, a.worker, a.out)
+        print(json.dumps(res))
+        return 0
+
+    from kernels.device import real_gpu_available
+    with tempfile.TemporaryDirectory(prefix="bench_tracking_") as tmp:
+        work = Path(tmp)
+        inputs = prepare_inputs(a.size, a.seeds_per_voxel, a.n_seeds, work)
+        env = {"NUMBA_NUM_THREADS": str(a.threads)}
+        common = ["--inputs", str(inputs), "--out", str(work), "--threads", str(a.threads)]
+        results = [_spawn(["--worker", "cpu"] + common, env)]
+        if real_gpu_available():
+            results.append(_spawn(["--worker", "cuda"] + common, env))
+        if not a.skip_dipy:
+            results.append(_spawn(["--worker", "dipy"] + common, env))
+        mr = run_tckgen(inputs, a.threads, work)
+        if mr:
+            results.append(mr)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nmachine: {os.cpu_count()} CPUs ({a.threads} used), load average {load:.1f}, "
+          f"size={a.size}, best of {REPEAT} runs each")
+    print(f"{'tracker':45s} {'s':>8s} {'seeds/s':>10s} {'strml/s':>10s} {'n_strml':>8s} "
+          f"{'peak MB':>8s} {'track MB':>8s}")
+    for r in results:
+        r["seeds_per_s"] = r["n_seeds"] / r["seconds"]
+        r["streamlines_per_s"] = r["n_streamlines"] / r["seconds"]
+        print(f"{r['name']:45s} {r['seconds']:8.2f} {r['seeds_per_s']:10.0f} "
+              f"{r['streamlines_per_s']:10.0f} {r['n_streamlines']:8d} {r['peak_rss_mb']:8.0f} "
+              f"{r['tracking_rss_mb']:8.0f}")
+    ours = results[0]
+    for r in results[1:]:
+        print(f"ratio {ours['name']} / {r['name']}: seeds/s x{ours['seeds_per_s'] / r['seeds_per_s']:.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

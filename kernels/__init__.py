@@ -1,0 +1,1 @@
+"""Numba kernels (CPU and CUDA) used by tractoscale."""

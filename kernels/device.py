@@ -1,0 +1,51 @@
+"""Choosing the compute device: a real CUDA GPU or the CPU.
+
+The CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) is not a GPU: ``auto`` ignores it and ``cuda``
+refuses it, unless ``TRACTOSCALE_ALLOW_CUDASIM=1`` (used by tests to run the CUDA code path).
+"""
+from __future__ import annotations
+
+import os
+
+from bids_app.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cudasim_enabled() -> bool:
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def real_gpu_available() -> bool:
+    """True when a CUDA driver and at least one real GPU are usable."""
+    if cudasim_enabled():
+        return False
+    try:
+        from numba import cuda
+        return bool(cuda.is_available()) and len(cuda.gpus) > 0
+    except Exception:  # numba-cuda missing or driver broken
+        return False
+
+
+def cuda_usable() -> bool:
+    """A real GPU, or the simulator when TRACTOSCALE_ALLOW_CUDASIM=1."""
+    if real_gpu_available():
+        return True
+    return cudasim_enabled() and os.environ.get("TRACTOSCALE_ALLOW_CUDASIM") == "1"
+
+
+def select_device(requested: str = "auto") -> str:
+    """Resolve ``auto|cpu|cuda`` to ``cpu`` or ``cuda``; ``cuda`` without a GPU is a UsageError."""
+    requested = (requested or "auto").lower()
+    if requested not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        return "cuda" if cuda_usable() else "cpu"
+    if not cuda_usable():
+        why = ("only the CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)" if cudasim_enabled()
+               else "no CUDA GPU or driver was found (is the container run with --nv / --gpus?)")
+        raise UsageError(f"--device cuda requested but {why}; use --device cpu or auto")
+    return "cuda"

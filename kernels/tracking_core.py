@@ -1,0 +1,764 @@
+"""Tractography, written once as plain Python functions and compiled for CPU and CUDA.
+
+Nothing here is compiled at import time: :func:`kernels._factory.compile_for` turns every function
+named in :data:`DEVICE_FUNCTIONS` into a ``numba.njit`` (CPU) or ``numba.cuda.jit(device=True)``
+(CUDA) function, with the calls between them bound to the same target.  The code therefore uses only
+what both targets support: scalars, array indexing, ``math``, and numpy scalar casts.
+
+Geometry: points are voxel indices (voxel centres at integers); directions are unit vectors in the
+image's scaled-voxel-axis frame (the frame of the SH coefficients); a step of ``step`` mm moves by
+``d * step / voxel_size`` voxels on each axis; output points are world (RAS+) mm via the affine.
+
+Randomness: a counter-based generator (SplitMix64 finaliser) keyed on (run seed, seed index) and
+counted by (stream = 2*peak + half, draw = 4*step + k): a streamline never depends on which thread,
+chunk or backend computed it.
+
+Parameter vectors (built by :func:`kernels.engine.pack_params`):
+
+``fp`` (float64): 0 step mm, 1 cos(max angle), 2 pmf threshold (relative to the max), 3 stop
+threshold, 4 relative peak threshold, 5 cos(min peak separation), 6-8 voxel sizes (mm), 9 CMC
+probability scale (step / mean voxel size), 10 PTT probe length (mm), 11 PTT max curvature (1/mm,
+max angle per step / step).
+
+``ip`` (int64): 0 algorithm (0 prob, 1 det, 2 ptt, 3 boot), 1 ODF mode (0 sampled SF, 1 SH on the
+fly), 2 stop method (0 threshold, 1 ACT, 2 CMC), 3 max points per streamline, 4 max peaks per seed,
+5 sphere vertices, 6 SH coefficients of ``odf`` in SH mode (0 in SF mode), 7 neighbour table width,
+8 run seed, 9 PTT probe points, 10 PTT max tries, 11 bootstrap DWI volumes, 12 bootstrap max tries,
+13 columns of ``bmat``, 14 bootstrap model (0 CSA, 1 OPDT), 15 channel of ``stop`` holding the
+per-voxel ODF maximum.
+
+``nbrs`` (V, D + C): columns 0..D-1 (D = ip[7]) list each vertex's sphere neighbours, columns D..
+list the vertices that can lie inside the max-angle cone of any direction whose nearest vertex is
+this one (the cone plus the sphere's covering radius); both padded with -1.
+
+Bootstrap arrays: ``bdata`` (X, Y, Z, nd + 1) holds the diffusion-weighted volumes then the mean
+b=0; ``bootm`` (2 nd + 2 K, nd) stacks the hat matrix H, the leverage-corrected residual matrix,
+and the model matrices (CSA: log(-log E) -> SH; OPDT: delta_b then delta_q).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+# streamline end states
+TRACK = 0
+END = 1        # stopped on the stopping criterion (point kept for ACT/CMC, dropped for threshold)
+OUTSIDE = 2    # left the image; the point is dropped
+INVALID = 3    # ACT/CMC: entered an excluded tissue; the streamline is rejected
+NODIR = 4      # no direction inside the cone
+MAXLEN = 5     # ran out of points (max length)
+
+ALGO_PROB, ALGO_DET, ALGO_PTT, ALGO_BOOT = 0, 1, 2, 3
+STOP_THRESHOLD, STOP_ACT, STOP_CMC = 0, 1, 2
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_S32 = np.uint64(32)
+_INV53 = 1.0 / 9007199254740992.0
+SEED_STREAM = 1 << 22      # stream id used for seed placement
+SEEDCHECK_STREAM = 1 << 21  # stream id used for the CMC draw at the seed
+
+
+# ----------------------------------------------------------------------------- random numbers
+def splitmix64(x):
+    z = x + _GOLD
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def stream_key(run_seed, seed_index):
+    """Key of one seed's random stream (both int64 >= 0)."""
+    return splitmix64(splitmix64(np.uint64(seed_index)) ^ splitmix64(np.uint64(run_seed) + _MIX1))
+
+
+def uniform(key, stream, draw):
+    """Uniform double in [0, 1) for (key, stream, draw)."""
+    c = (np.uint64(stream) << _S32) ^ np.uint64(draw)
+    x = splitmix64(key ^ splitmix64(c))
+    return float(x >> _S11) * _INV53
+
+
+# ----------------------------------------------------------------------------- interpolation
+def cell(x, y, z, nx, ny, nz):
+    """Trilinear cell of voxel-index point (x, y, z); ok=False outside [-0.5, n-0.5]."""
+    if x < -0.5 or y < -0.5 or z < -0.5 or x > nx - 0.5 or y > ny - 0.5 or z > nz - 0.5:
+        return False, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0
+    fx0 = math.floor(x)
+    fy0 = math.floor(y)
+    fz0 = math.floor(z)
+    fx = x - fx0
+    fy = y - fy0
+    fz = z - fz0
+    i0 = int(fx0)
+    j0 = int(fy0)
+    k0 = int(fz0)
+    i1 = i0 + 1
+    j1 = j0 + 1
+    k1 = k0 + 1
+    if i0 < 0:
+        i0 = 0
+    if j0 < 0:
+        j0 = 0
+    if k0 < 0:
+        k0 = 0
+    if i1 > nx - 1:
+        i1 = nx - 1
+    if j1 > ny - 1:
+        j1 = ny - 1
+    if k1 > nz - 1:
+        k1 = nz - 1
+    return True, i0, j0, k0, i1, j1, k1, fx, fy, fz
+
+
+def interp_at(vol, c, i0, j0, k0, i1, j1, k1, fx, fy, fz):
+    """Trilinear interpolation of channel c of a 4D volume."""
+    gx = 1.0 - fx
+    gy = 1.0 - fy
+    gz = 1.0 - fz
+    a = (vol[i0, j0, k0, c] * gx + vol[i1, j0, k0, c] * fx) * gy \
+        + (vol[i0, j1, k0, c] * gx + vol[i1, j1, k0, c] * fx) * fy
+    b = (vol[i0, j0, k1, c] * gx + vol[i1, j0, k1, c] * fx) * gy \
+        + (vol[i0, j1, k1, c] * gx + vol[i1, j1, k1, c] * fx) * fy
+    return a * gz + b * fz
+
+
+def eval_pmf(odf, bmat, mode, nverts, ncoef, x, y, z, coef, pmf):
+    """ODF at (x, y, z) on the sphere into ``pmf`` (negatives zeroed); returns its max, -1 outside."""
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+    if not ok:
+        return -1.0
+    gx = 1.0 - fx
+    gy = 1.0 - fy
+    gz = 1.0 - fz
+    w000 = gx * gy * gz
+    w100 = fx * gy * gz
+    w010 = gx * fy * gz
+    w110 = fx * fy * gz
+    w001 = gx * gy * fz
+    w101 = fx * gy * fz
+    w011 = gx * fy * fz
+    w111 = fx * fy * fz
+    mx = 0.0
+    n = nverts if mode == 0 else ncoef
+    for c in range(n):
+        s = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
+             + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
+             + w001 * odf[i0, j0, k1, c] + w101 * odf[i1, j0, k1, c]
+             + w011 * odf[i0, j1, k1, c] + w111 * odf[i1, j1, k1, c])
+        if mode == 0:
+            if s < 0.0:
+                s = 0.0
+            pmf[c] = s
+            if s > mx:
+                mx = s
+        else:
+            coef[c] = s
+    if mode != 0:
+        for v in range(nverts):
+            s = 0.0
+            for c in range(ncoef):
+                s += bmat[v, c] * coef[c]
+            if s < 0.0:
+                s = 0.0
+            pmf[v] = s
+            if s > mx:
+                mx = s
+    return mx
+
+
+# ----------------------------------------------------------------------------- direction getters
+def prob_cone(odf, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg, u_vert,
+              dx, dy, dz, cos_max, pmf_thr, u, coef, pmf):
+    """Probabilistic direction using only the vertices listed in the cone table of ``u_vert``
+    (the vertex nearest the previous direction).  The PMF threshold is relative to the ODF
+    maximum interpolated from the per-voxel maximum map (channel ``maxch`` of ``stop``)."""
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+    if not ok:
+        return False, 0.0, 0.0, 0.0
+    mx = interp_at(stop, maxch, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    if mx <= 0.0:
+        return False, 0.0, 0.0, 0.0
+    thr = pmf_thr * mx
+    gx = 1.0 - fx
+    gy = 1.0 - fy
+    gz = 1.0 - fz
+    w000 = gx * gy * gz
+    w100 = fx * gy * gz
+    w010 = gx * fy * gz
+    w110 = fx * fy * gz
+    w001 = gx * gy * fz
+    w101 = fx * gy * fz
+    w011 = gx * fy * fz
+    w111 = fx * fy * fz
+    if mode != 0:
+        for c in range(ncoef):
+            coef[c] = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
+                       + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
+                       + w001 * odf[i0, j0, k1, c] + w101 * odf[i1, j0, k1, c]
+                       + w011 * odf[i0, j1, k1, c] + w111 * odf[i1, j1, k1, c])
+    total = 0.0
+    last = -1
+    width = nbrs.shape[1]
+    m = 0
+    for q in range(maxdeg, width):
+        w = nbrs[u_vert, q]
+        if w < 0:
+            break
+        c = verts[w, 0] * dx + verts[w, 1] * dy + verts[w, 2] * dz
+        if c < 0.0:
+            c = -c
+        if c >= cos_max:
+            if mode == 0:
+                p = (w000 * odf[i0, j0, k0, w] + w100 * odf[i1, j0, k0, w]
+                     + w010 * odf[i0, j1, k0, w] + w110 * odf[i1, j1, k0, w]
+                     + w001 * odf[i0, j0, k1, w] + w101 * odf[i1, j0, k1, w]
+                     + w011 * odf[i0, j1, k1, w] + w111 * odf[i1, j1, k1, w])
+            else:
+                p = 0.0
+                for cc in range(ncoef):
+                    p += bmat[w, cc] * coef[cc]
+            if p > 0.0 and p >= thr:
+                total += p
+                last = m
+        pmf[m] = total
+        m += 1
+    if last < 0:
+        return False, 0.0, 0.0, 0.0
+    target = u * total
+    sel = last
+    for q in range(m):
+        if pmf[q] > target:
+            sel = q
+            break
+    w = nbrs[u_vert, maxdeg + sel]
+    ox = verts[w, 0]
+    oy = verts[w, 1]
+    oz = verts[w, 2]
+    if ox * dx + oy * dy + oz * dz < 0.0:
+        ox = -ox
+        oy = -oy
+        oz = -oz
+    return True, ox, oy, oz
+
+
+def is_local_max(pmf, v, nbrs, maxdeg):
+    p = pmf[v]
+    for q in range(maxdeg):
+        w = nbrs[v, q]
+        if w < 0:
+            break
+        if pmf[w] > p:
+            return False
+    return True
+
+
+def closest_peak(pmf, nverts, verts, nbrs, maxdeg, dx, dy, dz, cos_max, rel_thr, mx):
+    """The ODF peak closest to (dx, dy, dz), if within the cone."""
+    thr = rel_thr * mx
+    best = -1.0
+    sel = -1
+    for v in range(nverts):
+        p = pmf[v]
+        if p <= 0.0 or p < thr:
+            continue
+        c = verts[v, 0] * dx + verts[v, 1] * dy + verts[v, 2] * dz
+        if c < 0.0:
+            c = -c
+        if c <= best:
+            continue
+        if not is_local_max(pmf, v, nbrs, maxdeg):
+            continue
+        best = c
+        sel = v
+    if sel < 0 or best < cos_max:
+        return False, 0.0, 0.0, 0.0
+    ox = verts[sel, 0]
+    oy = verts[sel, 1]
+    oz = verts[sel, 2]
+    if ox * dx + oy * dy + oz * dz < 0.0:
+        ox = -ox
+        oy = -oy
+        oz = -oz
+    return True, ox, oy, oz
+
+
+def seed_peaks(pmf, nverts, verts, nbrs, maxdeg, rel_thr, cos_sep, mx, max_peaks, peaks):
+    """Up to ``max_peaks`` ODF peaks (largest first, separated by > min angle) into ``peaks``."""
+    thr = rel_thr * mx
+    n = 0
+    for k in range(max_peaks):
+        best = -1.0
+        sel = -1
+        for v in range(nverts):
+            p = pmf[v]
+            if p <= 0.0 or p < thr or p <= best:
+                continue
+            if not is_local_max(pmf, v, nbrs, maxdeg):
+                continue
+            far = True
+            for j in range(n):
+                w = peaks[j]
+                c = verts[v, 0] * verts[w, 0] + verts[v, 1] * verts[w, 1] + verts[v, 2] * verts[w, 2]
+                if c < 0.0:
+                    c = -c
+                if c > cos_sep:
+                    far = False
+                    break
+            if not far:
+                continue
+            best = p
+            sel = v
+        if sel < 0:
+            break
+        peaks[n] = sel
+        n += 1
+    return n
+
+
+def odf_value(odf, bmat, mode, ncoef, x, y, z, v):
+    """ODF amplitude at (x, y, z) on sphere vertex v; -1 outside the image."""
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+    if not ok:
+        return -1.0
+    if mode == 0:
+        return interp_at(odf, v, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    s = 0.0
+    for c in range(ncoef):
+        s += bmat[v, c] * interp_at(odf, c, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    return s
+
+
+def nearest_vertex(verts, nbrs, maxdeg, v, tx, ty, tz):
+    """Vertex closest to +-(tx, ty, tz), by hill climbing on the sphere graph from vertex v."""
+    best = verts[v, 0] * tx + verts[v, 1] * ty + verts[v, 2] * tz
+    if best < 0.0:
+        best = -best
+    moved = True
+    while moved:
+        moved = False
+        for q in range(maxdeg):
+            w = nbrs[v, q]
+            if w < 0:
+                break
+            c = verts[w, 0] * tx + verts[w, 1] * ty + verts[w, 2] * tz
+            if c < 0.0:
+                c = -c
+            if c > best:
+                best = c
+                v = w
+                moved = True
+                break
+    return v
+
+
+def arc_point(l, k1, k2, work):
+    """Offset (mm) and tangent after arc length l with curvature (k1, k2) in frame work[0:9]."""
+    k = math.sqrt(k1 * k1 + k2 * k2)
+    tx = work[0]
+    ty = work[1]
+    tz = work[2]
+    if k < 1e-9:
+        return l * tx, l * ty, l * tz, tx, ty, tz
+    nx = (k1 * work[3] + k2 * work[6]) / k
+    ny = (k1 * work[4] + k2 * work[7]) / k
+    nz = (k1 * work[5] + k2 * work[8]) / k
+    sn = math.sin(k * l)
+    cs = math.cos(k * l)
+    a = sn / k
+    b = (1.0 - cs) / k
+    return (a * tx + b * nx, a * ty + b * ny, a * tz + b * nz,
+            cs * tx + sn * nx, cs * ty + sn * ny, cs * tz + sn * nz)
+
+
+def frame_init(dx, dy, dz, work):
+    """Tangent (dx, dy, dz) and two unit normals into work[0:9]."""
+    ax = 1.0
+    ay = 0.0
+    az = 0.0
+    if abs(dx) > 0.8:
+        ax = 0.0
+        ay = 1.0
+    n1x = dy * az - dz * ay
+    n1y = dz * ax - dx * az
+    n1z = dx * ay - dy * ax
+    nn = math.sqrt(n1x * n1x + n1y * n1y + n1z * n1z)
+    n1x /= nn
+    n1y /= nn
+    n1z /= nn
+    work[0] = dx
+    work[1] = dy
+    work[2] = dz
+    work[3] = n1x
+    work[4] = n1y
+    work[5] = n1z
+    work[6] = dy * n1z - dz * n1y
+    work[7] = dz * n1x - dx * n1z
+    work[8] = dx * n1y - dy * n1x
+
+
+def frame_advance(l, k1, k2, work):
+    """Parallel-transport the frame work[0:9] along an arc of length l."""
+    k = math.sqrt(k1 * k1 + k2 * k2)
+    if k < 1e-9:
+        return
+    tx = work[0]
+    ty = work[1]
+    tz = work[2]
+    nx = (k1 * work[3] + k2 * work[6]) / k
+    ny = (k1 * work[4] + k2 * work[7]) / k
+    nz = (k1 * work[5] + k2 * work[8]) / k
+    bx = ty * nz - tz * ny
+    by = tz * nx - tx * nz
+    bz = tx * ny - ty * nx
+    sn = math.sin(k * l)
+    cs = math.cos(k * l)
+    n2x = -sn * tx + cs * nx
+    n2y = -sn * ty + cs * ny
+    n2z = -sn * tz + cs * nz
+    work[0] = cs * tx + sn * nx
+    work[1] = cs * ty + sn * ny
+    work[2] = cs * tz + sn * nz
+    for o in range(3, 9, 3):
+        a = work[o] * nx + work[o + 1] * ny + work[o + 2] * nz
+        b = work[o] * bx + work[o + 1] * by + work[o + 2] * bz
+        work[o] = a * n2x + b * bx
+        work[o + 1] = a * n2y + b * by
+        work[o + 2] = a * n2z + b * bz
+
+
+def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, mx):
+    """Parallel transport tractography: draw a curvature on the disc, probe the arc ahead for
+    ODF support, accept by rejection sampling; move one step along the accepted arc.
+
+    Returns (ok, x, y, z, v); the frame in work[0:9] is transported.
+    """
+    step = fp[0]
+    kmax = fp[11]
+    probe = fp[10]
+    nq = ip[9]
+    floor = fp[2] * mx
+    for t in range(ip[10]):
+        base = 1024 * s + 4 * t
+        r = kmax * math.sqrt(uniform(key, stream, base))
+        phi = 2.0 * math.pi * uniform(key, stream, base + 1)
+        k1 = r * math.cos(phi)
+        k2 = r * math.sin(phi)
+        support = 0.0
+        good = True
+        vv = v
+        for q in range(1, nq + 1):
+            l = probe * q / nq
+            ox, oy, oz, tx, ty, tz = arc_point(l, k1, k2, work)
+            vv = nearest_vertex(verts, nbrs, ip[7], vv, tx, ty, tz)
+            val = odf_value(odf, bmat, ip[1], ip[6], x + ox / fp[6], y + oy / fp[7], z + oz / fp[8], vv)
+            if val < floor or val <= 0.0:
+                good = False
+                break
+            support += val
+        if not good:
+            continue
+        if uniform(key, stream, base + 2) * mx <= support / nq:
+            ox, oy, oz, tx, ty, tz = arc_point(step, k1, k2, work)
+            frame_advance(step, k1, k2, work)
+            v = nearest_vertex(verts, nbrs, ip[7], v, work[0], work[1], work[2])
+            return True, x + ox / fp[6], y + oy / fp[7], z + oz / fp[8], v
+    return False, x, y, z, v
+
+
+def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
+                   key, stream, draw0, work, coef, pmf):
+    """Residual bootstrap: resample the leverage-corrected residuals of an SH fit of the signal,
+    refit the CSA/OPDT ODF, take the peak closest to (dx, dy, dz) inside the cone."""
+    nd = ip[11]
+    ncb = ip[13]
+    nverts = ip[5]
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, bdata.shape[0], bdata.shape[1],
+                                                 bdata.shape[2])
+    if not ok:
+        return False, 0.0, 0.0, 0.0
+    s0 = interp_at(bdata, nd, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    if s0 <= 0.0:
+        return False, 0.0, 0.0, 0.0
+    e0 = 16
+    f0 = 16 + nd
+    r0 = 16 + 2 * nd
+    for i in range(nd):
+        e = interp_at(bdata, i, i0, j0, k0, i1, j1, k1, fx, fy, fz) / s0
+        if e < 1e-5:
+            e = 1e-5
+        work[e0 + i] = e
+    for i in range(nd):
+        fit = 0.0
+        res = 0.0
+        for j in range(nd):
+            fit += bootm[i, j] * work[e0 + j]
+            res += bootm[nd + i, j] * work[e0 + j]
+        work[f0 + i] = fit
+        work[r0 + i] = res
+    for t in range(ip[12]):
+        for c in range(ncb):
+            coef[c] = 0.0
+        for i in range(nd):
+            j = int(uniform(key, stream, draw0 + t * nd + i) * nd)
+            if j >= nd:
+                j = nd - 1
+            e = work[f0 + i] + work[r0 + j]
+            if e < 0.001:
+                e = 0.001
+            if e > 0.999:
+                e = 0.999
+            if ip[14] == 0:
+                a = math.log(-math.log(e))
+                for c in range(ncb):
+                    coef[c] += bootm[2 * nd + c, i] * a
+            else:
+                ld = -math.log(e)
+                a = ld * (1.5 - ld) * e
+                for c in range(ncb):
+                    coef[c] += bootm[2 * nd + ncb + c, i] * a - bootm[2 * nd + c, i] * e
+        if ip[14] == 0:
+            coef[0] = 0.28209479177387814  # 1 / (2 sqrt(pi)): CSA's normalised ODF
+        mx = 0.0
+        for v in range(nverts):
+            s = 0.0
+            for c in range(ncb):
+                s += bmat[v, c] * coef[c]
+            if s < 0.0:
+                s = 0.0
+            pmf[v] = s
+            if s > mx:
+                mx = s
+        if mx <= 0.0:
+            continue
+        ok, ox, oy, oz = closest_peak(pmf, nverts, verts, nbrs, ip[7], dx, dy, dz, fp[1], fp[4], mx)
+        if ok:
+            return True, ox, oy, oz
+    return False, 0.0, 0.0, 0.0
+
+
+# ----------------------------------------------------------------------------- stopping
+def stop_status(stop, method, thr, cmc_scale, x, y, z, key, stream, draw):
+    """State of point (x, y, z) for the stopping criterion (TRACK, END, OUTSIDE, INVALID)."""
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, stop.shape[0], stop.shape[1], stop.shape[2])
+    if not ok:
+        return OUTSIDE
+    if method == 0:
+        v = interp_at(stop, 0, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+        if v > thr:
+            return TRACK
+        return END
+    inc = interp_at(stop, 0, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    exc = interp_at(stop, 1, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+    if method == 1:
+        if inc > 0.5:
+            return END
+        if exc > 0.5:
+            return INVALID
+        return TRACK
+    if inc > 0.99:
+        return END
+    if exc > 0.99:
+        return INVALID
+    u = uniform(key, stream, draw)
+    if u < exc * cmc_scale:
+        return INVALID
+    if u < (exc + inc) * cmc_scale:
+        return END
+    return TRACK
+
+
+# ----------------------------------------------------------------------------- propagation
+def write_world(out, slot, n, aff, x, y, z):
+    out[slot, n, 0] = aff[0, 0] * x + aff[0, 1] * y + aff[0, 2] * z + aff[0, 3]
+    out[slot, n, 1] = aff[1, 0] * x + aff[1, 1] * y + aff[1, 2] * z + aff[1, 3]
+    out[slot, n, 2] = aff[2, 0] * x + aff[2, 1] * y + aff[2, 2] * z + aff[2, 3]
+
+
+def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
+               odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef, work):
+    """Follow one direction from (x, y, z), appending up to ``budget`` world points to out[slot].
+
+    Returns (number of points now in out[slot], end state).
+    """
+    step = fp[0]
+    sx = step / fp[6]
+    sy = step / fp[7]
+    sz = step / fp[8]
+    algo = ip[0]
+    status = MAXLEN
+    v = nearest_vertex(verts, nbrs, ip[7], 0, dx, dy, dz)
+    if algo == 2:
+        frame_init(dx, dy, dz, work)
+    for s in range(budget):
+        if algo == 3:
+            ok, ndx, ndy, ndz = boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z,
+                                               dx, dy, dz, key, stream + 128, 4096 * s, work,
+                                               coef, pmf)
+            if not ok:
+                status = NODIR
+                break
+            dx = ndx
+            dy = ndy
+            dz = ndz
+            x += dx * sx
+            y += dy * sy
+            z += dz * sz
+        elif algo == 2:
+            ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, stop.shape[0], stop.shape[1],
+                                                         stop.shape[2])
+            mx = interp_at(stop, ip[15], i0, j0, k0, i1, j1, k1, fx, fy, fz)
+            if mx <= 0.0:
+                status = NODIR
+                break
+            ok, x, y, z, v = ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key,
+                                      stream + 64, s, work, mx)
+            if not ok:
+                status = NODIR
+                break
+        else:
+            if algo == 1:
+                mx = eval_pmf(odf, bmat, ip[1], ip[5], ip[6], x, y, z, coef, pmf)
+                if mx <= 0.0:
+                    status = NODIR
+                    break
+                ok, ndx, ndy, ndz = closest_peak(pmf, ip[5], verts, nbrs, ip[7], dx, dy, dz,
+                                                 fp[1], fp[4], mx)
+            else:
+                v = nearest_vertex(verts, nbrs, ip[7], v, dx, dy, dz)
+                u = uniform(key, stream, 4 * s)
+                ok, ndx, ndy, ndz = prob_cone(odf, bmat, ip[1], ip[6], stop, ip[15], x, y, z,
+                                              verts, nbrs, ip[7], v, dx, dy, dz, fp[1], fp[2], u,
+                                              coef, pmf)
+            if not ok:
+                status = NODIR
+                break
+            dx = ndx
+            dy = ndy
+            dz = ndz
+            x += dx * sx
+            y += dy * sy
+            z += dz * sz
+        st = stop_status(stop, ip[2], fp[3], fp[9], x, y, z, key, stream, 4 * s + 1)
+        if st == OUTSIDE or (st == END and ip[2] == 0):
+            # a point that left the image or failed the threshold is not kept; ACT/CMC keep
+            # the point that reached the include region
+            status = st
+            break
+        write_world(out, slot, n, aff, x, y, z)
+        n += 1
+        if st != TRACK:
+            status = st
+            break
+    return n, status
+
+
+def end_ok(method, status):
+    """Is this end state acceptable?  ACT/CMC accept only ends in an include region or outside."""
+    if status == INVALID:
+        return False
+    if method == 0:
+        return True
+    return status == END or status == OUTSIDE
+
+
+def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+               out, out_n, pmf, coef, peaks, work):
+    """All streamlines of one seed (one per ODF peak, up to ip[4]) into slots i*ip[4] + k."""
+    max_cross = ip[4]
+    max_pts = ip[3]
+    for k in range(max_cross):
+        out_n[i * max_cross + k] = 0
+    key = stream_key(ip[8], seed_index)
+    if stop_status(stop, ip[2], fp[3], fp[9], sx, sy, sz, key, SEEDCHECK_STREAM, 0) != TRACK:
+        return
+    mx = eval_pmf(odf, bmat, ip[1], ip[5], ip[6], sx, sy, sz, coef, pmf)
+    if mx <= 0.0:
+        return
+    npk = seed_peaks(pmf, ip[5], verts, nbrs, ip[7], fp[4], fp[5], mx, max_cross, peaks)
+    for k in range(npk):
+        slot = i * max_cross + k
+        v = peaks[k]
+        px = verts[v, 0]
+        py = verts[v, 1]
+        pz = verts[v, 2]
+        write_world(out, slot, 0, aff, sx, sy, sz)
+        n, st_b = track_half(sx, sy, sz, -px, -py, -pz, 1, max_pts - 1, out, slot, key, 2 * k,
+                             odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef,
+                             work)
+        for j in range(n // 2):
+            t = n - 1 - j
+            for c in range(3):
+                tmp = out[slot, j, c]
+                out[slot, j, c] = out[slot, t, c]
+                out[slot, t, c] = tmp
+        n, st_f = track_half(sx, sy, sz, px, py, pz, n, max_pts - n, out, slot, key, 2 * k + 1,
+                             odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef,
+                             work)
+        if not (end_ok(ip[2], st_b) and end_ok(ip[2], st_f)):
+            n = 0
+        out_n[slot] = n
+
+
+# ----------------------------------------------------------------------------- CPU drivers
+def track_chunk_cpu(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+                    out, out_n):
+    """CPU driver: one seed per prange iteration."""
+    nv = ip[5]
+    nc = max(max(ip[6], ip[13]), 1)
+    mc = ip[4]
+    nw = 16 + 3 * ip[11]
+    for i in prange(seeds.shape[0]):
+        pmf = np.empty(nv, np.float32)
+        coef = np.empty(nc, np.float64)
+        peaks = np.empty(mc, np.int32)
+        work = np.empty(nw, np.float64)
+        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], odf, bmat, verts,
+                   nbrs, stop, aff, fp, ip, bdata, bootm, out, out_n, pmf, coef, peaks, work)
+
+
+def place_seeds(first_index, count, vox, per_voxel, run_seed, out):
+    """Seed positions (voxel indices) for global seed numbers first_index .. first_index+count-1.
+
+    ``per_voxel > 0``: seed g lies in voxel ``vox[g // per_voxel]``; otherwise in a voxel drawn at
+    random.  Each seed is jittered uniformly inside its voxel.
+    """
+    nvox = vox.shape[0]
+    for i in prange(count):
+        g = first_index + i
+        key = stream_key(run_seed, g)
+        if per_voxel > 0:
+            v = g // per_voxel
+        else:
+            v = int(uniform(key, SEED_STREAM, 3) * nvox)
+            if v >= nvox:
+                v = nvox - 1
+        out[i, 0] = vox[v, 0] + uniform(key, SEED_STREAM, 0) - 0.5
+        out[i, 1] = vox[v, 1] + uniform(key, SEED_STREAM, 1) - 0.5
+        out[i, 2] = vox[v, 2] + uniform(key, SEED_STREAM, 2) - 0.5
+
+
+def gather_points(out, slots, offsets, lengths, positions):
+    """Pack the points of the kept slots contiguously (TRX positions)."""
+    for j in prange(slots.shape[0]):
+        s = slots[j]
+        o = offsets[j]
+        for t in range(lengths[j]):
+            positions[o + t, 0] = out[s, t, 0]
+            positions[o + t, 1] = out[s, t, 1]
+            positions[o + t, 2] = out[s, t, 2]
+
+
+DEVICE_FUNCTIONS = (
+    splitmix64, stream_key, uniform, cell, interp_at, eval_pmf, is_local_max,
+    closest_peak, seed_peaks, prob_cone, odf_value, nearest_vertex, arc_point, frame_init, frame_advance,
+    ptt_step, boot_direction, stop_status, write_world, track_half, end_ok, track_seed,
+)
+CPU_PARALLEL_FUNCTIONS = (track_chunk_cpu, place_seeds, gather_points)

@@ -1,0 +1,358 @@
+"""Tracking kernels on analytic fields: geometry, DIPY agreement, CPU == CUDA simulator, RNG."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels.engine import MaskSeeder, PointSeeder, TrackParams, Tracker, prepare, track_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- analytic fields
+def _fibre_sh(dirs, k=30.0, order=8):
+    """tournier07 (legacy=False) SH of a sharp single-fibre ODF along each direction."""
+    from dipy.data import get_sphere
+    from dipy.reconst.shm import sh_to_sf_matrix
+    sph = get_sphere(name="repulsion724")
+    _, inv = sh_to_sf_matrix(sph, sh_order_max=order, basis_type="tournier07", legacy=False)
+    d = dirs.reshape(-1, 3)
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
+    sf = np.exp(-k * (1 - (d @ sph.vertices.T) ** 2))
+    return (sf @ inv).reshape(dirs.shape[:3] + (-1,)).astype(np.float32)
+
+
+def _grid(shape):
+    return np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+
+
+def _oblique_affine(vs, flip=True, angles=(20, -10, 35), shift=(10.0, -20.0, 5.0)):
+    from scipy.spatial.transform import Rotation
+    aff = np.eye(4)
+    m = np.diag(vs).astype(float)
+    if flip:
+        m = np.diag([-1.0, 1, 1]) @ m
+    aff[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ m
+    aff[:3, 3] = shift
+    return aff
+
+
+def _to_vox(points, aff):
+    inv = np.linalg.inv(aff)
+    return points @ inv[:3, :3].T + inv[:3, 3]
+
+
+HELIX_SHAPE = (30, 30, 20)
+HELIX_C = np.array([14.5, 14.5])
+HELIX_K = 0.15
+
+
+def _helix_field():
+    """Direction field whose integral curves are helices around the z voxel axis."""
+    ijk = _grid(HELIX_SHAPE)
+    x, y = ijk[..., 0] - HELIX_C[0], ijk[..., 1] - HELIX_C[1]
+    return np.stack([-y, x, HELIX_K * np.hypot(x, y)], -1)
+
+
+@pytest.fixture(scope="module")
+def helix_sh():
+    return _fibre_sh(_helix_field())
+
+
+def _track(sh, aff, seeds_vox, odf_mode="sf", **kw):
+    p = TrackParams(**{"algorithm": "det", "step_size": 0.2, "min_length": 0, "max_length": 60,
+                       **kw})
+    data = prepare(sh=sh, affine=aff, params=p, stop_map=np.ones(sh.shape[:3], np.float32),
+                   odf_mode=odf_mode)
+    return track_all(Tracker(data, "cpu"), PointSeeder(seeds_vox))
+
+
+# ----------------------------------------------------------------------------- geometry
+def test_straight_field_oblique_anisotropic_world_line():
+    """A straight fibre along a voxel-frame direction: points on the true world line, steps in mm."""
+    shape = (24, 20, 14)
+    vs = (1.0, 1.5, 2.5)
+    aff = _oblique_affine(vs)
+    d_vox = np.array([1.0, 0.6, 0.3])
+    d_vox /= np.linalg.norm(d_vox)
+    sh = _fibre_sh(np.broadcast_to(d_vox, shape + (3,)).copy())
+    seed_vox = np.array([[11.0, 9.0, 6.0]])
+    (s,), _ = _track(sh, aff, seed_vox, step_size=0.5, max_length=500)
+    # true line in world: through the seed along the voxel-frame direction mapped to world
+    frame = aff[:3, :3] / np.linalg.norm(aff[:3, :3], axis=0)
+    d_world = frame @ d_vox
+    p0 = aff[:3, :3] @ seed_vox[0] + aff[:3, 3]
+    assert np.linalg.norm(s - p0, axis=1).min() < 1e-4  # the seed is a point of the streamline
+    centred = s - s.mean(axis=0)
+    axis = np.linalg.svd(centred)[2][0]
+    assert np.linalg.norm(centred - np.outer(centred @ axis, axis), axis=1).max() < 0.05  # straight
+    # along the true world direction, up to the sphere's angular resolution (~5 deg)
+    assert np.degrees(np.arccos(abs(axis @ d_world))) < 4.0
+    steps = np.linalg.norm(np.diff(s, axis=0), axis=1)
+    np.testing.assert_allclose(steps, 0.5, rtol=1e-4)  # step size in mm despite anisotropy
+    # both ends at the image border (tracking runs until it leaves the image)
+    ends = _to_vox(s[[0, -1]], aff)
+    lim = np.array(shape) - 1
+    assert all(np.any((e < 0.5) | (e > lim - 0.5)) for e in ends)
+
+
+def test_helix_follows_true_curve(helix_sh):
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    seeds = np.array([[HELIX_C[0] + 8, HELIX_C[1], 6.0], [HELIX_C[0], HELIX_C[1] + 5, 6.0]])
+    sls, _ = _track(helix_sh, aff, seeds)
+    assert len(sls) == 2
+    for s, sd in zip(sls, seeds):
+        assert len(s) == 301  # 60 mm / 0.2 mm + 1: ran to the maximum length
+        r0 = np.hypot(*(sd[:2] - HELIX_C))
+        r = np.hypot(s[:, 0] - HELIX_C[0], s[:, 1] - HELIX_C[1])
+        assert np.abs(r - r0).max() < 1.0
+        th = np.unwrap(np.arctan2(s[:, 1] - HELIX_C[1], s[:, 0] - HELIX_C[0]))
+        th0 = np.arctan2(sd[1] - HELIX_C[1], sd[0] - HELIX_C[0])
+        z_true = sd[2] + HELIX_K * r0 * (th - th0)
+        # directions are sphere vertices (~5 deg apart): the pitch error accumulates slowly
+        assert np.abs(s[:, 2] - z_true).max() < 0.15 * 60
+        assert abs(th[-1] - th[0]) > 0.8 * 60 / np.hypot(r0, HELIX_K * r0)  # went around
+
+
+def test_crossing_goes_straight_through():
+    shape = (30, 30, 8)
+    ijk = _grid(shape)
+    dirs = np.zeros(shape + (3,))
+    dirs[..., 0] = 1.0
+    sh = _fibre_sh(dirs)
+    cross = (np.abs(ijk[..., 0] - 14.5) < 5)
+    sh2 = _fibre_sh(np.broadcast_to([0.0, 1.0, 0.0], shape + (3,)).copy())
+    single, _ = _track(sh.copy(), np.eye(4), np.array([[3.0, 10.0, 4.0], [3.0, 20.0, 4.0]]),
+                       max_length=100)
+    sh[cross] += sh2[cross]  # two fibre populations at 90 degrees in the middle band
+    seeds = np.array([[3.0, 10.0, 4.0], [3.0, 20.0, 4.0]])
+    sls, _ = _track(sh, np.eye(4), seeds, max_length=100)
+    for s, s1, sd in zip(sls, single, seeds):
+        assert s[:, 0].min() < 0 and s[:, 0].max() > 28.5  # crossed the whole band
+        assert np.abs(s[:, 1] - sd[1]).max() < 1.2  # did not turn (sphere quantisation ~2 deg)
+        # the crossing does not bend the path: same as without the second population
+        assert len(s) == len(s1)
+        assert np.abs(s - s1).max() < 0.3
+
+
+def test_matches_dipy_deterministic_oblique(helix_sh):
+    """Same seeds and settings: our points coincide with DIPY's on an oblique LAS-like grid."""
+    from dipy.data import default_sphere
+    from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+    from dipy.tracking.tracker import deterministic_tracking
+    aff = _oblique_affine((1.0, 1.5, 2.0))
+    seeds = np.array([[22.5, 14.5, 6.0], [14.5, 19.5, 6.0], [20.0, 8.0, 9.0]])
+    ours, _ = _track(helix_sh, aff, seeds, max_length=60)
+    seeds_w = seeds @ aff[:3, :3].T + aff[:3, 3]
+    fa = np.ones(HELIX_SHAPE)
+    ref = list(deterministic_tracking(
+        seeds_w, ThresholdStoppingCriterion(fa, 0.5), aff, sh=helix_sh.astype(np.float64),
+        sphere=default_sphere, basis_type="tournier07", legacy=False, step_size=0.2, min_len=0,
+        max_len=1000, max_angle=30, pmf_threshold=0.1, nbr_threads=1, random_seed=1))
+    assert len(ref) == len(ours) == 3
+    from scipy.spatial import cKDTree
+    for a, b in zip(ours, ref):
+        # DIPY limits each half to max_len, we limit the joined streamline: ours is a contiguous
+        # run of DIPY's points
+        assert 100 < len(a) <= len(b)
+        dist, j = cKDTree(b).query(a)
+        assert dist.max() < 1e-3
+        assert np.all(np.abs(np.diff(j)) == 1) and len(np.unique(np.sign(np.diff(j)))) == 1
+
+
+# ----------------------------------------------------------------------------- reproducibility
+def _noisy_crossing(seed=0, shape=(12, 10, 8)):
+    rng = np.random.default_rng(seed)
+    sh = _fibre_sh(np.broadcast_to([1.0, 0.3, 0.0], shape + (3,)).copy(), order=6)
+    sh[6:] += _fibre_sh(np.broadcast_to([0.0, 1.0, 0.2], shape + (3,)).copy(), order=6)[6:]
+    sh += rng.normal(0, 0.02, sh.shape).astype(np.float32)
+    fa = np.full(shape, 0.5, np.float32)
+    fa[:, :, 0] = 0.05  # a stopping slab
+    return sh, fa
+
+
+def _crossing_dwi(shape=(12, 10, 8), n_dirs=30, seed=0):
+    """Two-tensor DWI matching :func:`_noisy_crossing` (b=1000, 2 b=0), voxel-frame bvecs."""
+    from dipy.core.gradients import gradient_table
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(n_dirs, 3))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    bvals = np.r_[0.0, 0.0, np.full(n_dirs, 1000.0)]
+    bvecs = np.vstack([np.zeros((2, 3)), g])
+
+    def tensor_signal(d):
+        d = np.asarray(d, float) / np.linalg.norm(d)
+        proj = bvecs @ d
+        return np.exp(-bvals * (0.3e-3 + 1.4e-3 * proj ** 2))
+
+    s1 = tensor_signal([1.0, 0.3, 0.0])
+    s2 = 0.5 * (s1 + tensor_signal([0.0, 1.0, 0.2]))
+    dwi = np.empty(shape + (len(bvals),), np.float32)
+    dwi[:] = 100 * s1
+    dwi[6:] = 100 * s2
+    dwi += rng.normal(0, 2.0, dwi.shape).astype(np.float32)
+    return np.abs(dwi), gradient_table(bvals, bvecs=bvecs)
+
+
+def _prob_run(chunk, algo="prob", odf_mode="sf", rng_seed=3, sphere="repulsion724", n=40,
+              max_length=20.0, device="cpu"):
+    sh, fa = _noisy_crossing()
+    p = TrackParams(algorithm=algo, step_size=0.5, min_length=2, max_length=max_length,
+                    max_cross=2, rng_seed=rng_seed)
+    extra = {}
+    if algo == "boot":
+        dwi, gtab = _crossing_dwi()
+        extra = dict(dwi=dwi, gtab=gtab, odf_model="csa")
+    data = prepare(sh=sh, affine=np.diag([2.0, 1.5, 2.0, 1.0]), params=p, stop_map=fa,
+                   odf_mode=odf_mode, sphere=sphere, **extra)
+    seeder = MaskSeeder(fa > 0.2, n_seeds=n, rng_seed=5)
+    return track_all(Tracker(data, device), seeder, chunk_size=chunk)
+
+
+def _same(a, b):
+    assert np.array_equal(a[1], b[1])
+    assert len(a[0]) == len(b[0])
+    for x, y in zip(a[0], b[0]):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("algo", ["prob", "ptt", "boot"])
+def test_chunk_size_and_thread_count_do_not_change_streamlines(algo):
+    import numba
+    ref = _prob_run(chunk=40, algo=algo)
+    assert len(ref[0]) > 20
+    _same(ref, _prob_run(chunk=1, algo=algo))
+    _same(ref, _prob_run(chunk=7, algo=algo))
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        _same(ref, _prob_run(chunk=13, algo=algo))
+    finally:
+        numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("algo", ["prob", "ptt", "boot"])
+def test_rng_seed_controls_random_streamlines(algo):
+    a = _prob_run(chunk=40, rng_seed=3, algo=algo)
+    b = _prob_run(chunk=40, rng_seed=4, algo=algo)
+    _same(a, _prob_run(chunk=40, rng_seed=3, algo=algo))
+    assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def test_sf_and_sh_modes_agree():
+    a = _prob_run(chunk=40, odf_mode="sf", algo="det")
+    b = _prob_run(chunk=40, odf_mode="sh", algo="det")
+    assert np.array_equal(a[1], b[1])
+    for x, y in zip(a[0], b[0]):
+        assert len(x) == len(y)
+        np.testing.assert_allclose(x, y, atol=1e-3)
+
+
+def test_lengths_respect_min_max_and_seeds_in_voxels():
+    sls, idx = _prob_run(chunk=40, max_length=12.0)
+    n = np.array([len(s) for s in sls])
+    assert n.max() <= 12.0 / 0.5 + 1 and n.min() >= 2 / 0.5 + 1
+    fa = _noisy_crossing()[1]
+    vox = np.argwhere(fa > 0.2)
+    seeds = MaskSeeder(fa > 0.2, per_voxel=3, rng_seed=1).chunk(0, 3 * len(vox))
+    assert np.abs(seeds - np.repeat(vox, 3, axis=0)).max() <= 0.5
+
+
+# ----------------------------------------------------------------------------- CUDA
+VARIANTS = (("prob", "sf"), ("prob", "sh"), ("det", "sf"), ("det", "sh"), ("ptt", "sf"),
+            ("ptt", "sh"), ("boot", "sf"))
+_CUDA_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np
+    sys.path.insert(0, {root!r})
+    import os
+    from tests.test_tracking_kernels import _prob_run
+    from tests.test_tracking_kernels import VARIANTS
+    out = {{}}
+    for algo, mode in VARIANTS:
+        sl, idx = _prob_run(chunk=16, algo=algo, odf_mode=mode, sphere="repulsion100", n=16,
+                            max_length=8.0, device=sys.argv[1])
+        out[algo + mode] = [idx.tolist(), [s.tolist() for s in sl]]
+    print(json.dumps(out))
+""")
+
+
+def _run_variants(device):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "TRACTOSCALE_ALLOW_CUDASIM": "1",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT.format(root=str(ROOT)), device],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_and_cuda_simulator_give_identical_streamlines():
+    pytest.importorskip("numba.cuda")
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        cpu = {}
+        cuda = {}
+        for algo, mode in VARIANTS:
+            for dev, res in (("cpu", cpu), ("cuda", cuda)):
+                sl, idx = _prob_run(chunk=16, algo=algo, odf_mode=mode, sphere="repulsion100",
+                                    n=16, max_length=8.0, device=dev)
+                res[algo + mode] = [idx.tolist(), [s.tolist() for s in sl]]
+    else:
+        cpu = _run_variants("cpu")
+        cuda = _run_variants("cuda")
+    assert set(cpu) == {a + m for a, m in VARIANTS}
+    for key in cpu:
+        assert len(cpu[key][0]) > 5, key
+        assert cpu[key][0] == cuda[key][0], key
+        for a, b in zip(cpu[key][1], cuda[key][1]):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+_LOWER_SCRIPT = textwrap.dedent("""
+    import sys, types
+    sys.path.insert(0, {root!r})
+    from numba.cuda import dispatcher
+    # no GPU here: give the compiler a compute capability instead of asking a driver
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    from numba import types as t
+    from numba.cuda.compiler import compile_cuda
+    import kernels.cuda_tracker as ct
+    A = lambda dt, nd: t.Array(dt, nd, "C")
+    sig = (A(t.float64, 2), t.int64, A(t.float32, 4), A(t.float32, 2), A(t.float64, 2),
+           A(t.int32, 2), A(t.float32, 4), A(t.float64, 2), A(t.float64, 1), A(t.int64, 1),
+           A(t.float32, 4), A(t.float64, 2), A(t.float32, 3), A(t.int32, 1))
+    res = compile_cuda(ct._track_kernel.py_func, t.void, sig, cc=(9, 0))
+    print("IR", len(res.library.get_llvm_str()))
+""")
+
+
+def test_cuda_kernel_types_and_lowers_for_a_real_gpu_target():
+    """Not the simulator: numba's CUDA front end types and lowers the real kernel to LLVM IR."""
+    pytest.importorskip("numba.cuda")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT.format(root=str(ROOT))],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 10000
+
+
+def test_select_device(monkeypatch):
+    from bids_app.errors import UsageError
+    from kernels import device
+    assert device.select_device("cpu") == "cpu"
+    with pytest.raises(UsageError):
+        device.select_device("tpu")
+    monkeypatch.delenv("TRACTOSCALE_ALLOW_CUDASIM", raising=False)
+    if device.real_gpu_available():
+        pytest.skip("a real GPU is present")
+    assert device.select_device("auto") == "cpu"
+    with pytest.raises(UsageError, match="cuda"):
+        device.select_device("cuda")
+    if device.cudasim_enabled():
+        monkeypatch.setenv("TRACTOSCALE_ALLOW_CUDASIM", "1")
+        assert device.select_device("cuda") == "cuda"
+        assert device.select_device("auto") == "cuda"
