@@ -124,3 +124,17 @@ def test_unwritable_numba_cache_falls_back(tmp_path):
     assert ok.returncode == 0, ok.stderr
     new_dir, n_files = ok.stdout.split()
     assert not new_dir.startswith(str(blocker)) and int(n_files) > 0
+
+
+def test_readme_documents_every_option():
+    """The README's options tables are generated from the parser and must be current."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and "_" not in flag:
+                assert f"`{flag}`" in readme, f"{flag} is not documented in README.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_readme_options.py"), "--check"])
+    assert proc.returncode == 0, "README options are stale: run python tools/make_readme_options.py"
