@@ -17,6 +17,18 @@ def _has_tractograms(output_dir: Path) -> bool:
     return any(Path(output_dir).glob("sub-*/**/dwi/*_tractogram.trx"))
 
 
+def _summarise_tbss(result):
+    if not isinstance(result, dict):
+        return
+    log.info("TBSS: %s participants, target %s, FA correlation %.2f -> %.2f, %s skeleton voxels",
+             result.get("n_participants"), (result.get("target") or {}).get("Label", "?"),
+             result.get("mean_corr_before", float("nan")), result.get("mean_corr_after", float("nan")),
+             result.get("skeleton_voxels"))
+    for name, r in ((result.get("stats") or {}).get("results") or {}).items():
+        log.info("TBSS %s: min FWE p %.3f, %d significant voxels", name, r.get("min_p_fwe", 1.0),
+                 r.get("n_significant", 0))
+
+
 def run_group_level(args) -> int:
     from ..group import bundles, tbss
     from ..group.executor import make_executor
@@ -29,13 +41,15 @@ def run_group_level(args) -> int:
     with make_executor(args.nthreads, getattr(args, "dask_scheduler", None)) as executor:
         result = tbss.run_tbss(bids_dir=args.bids_dir, output_dir=args.output_dir,
                                participants=participants, args=args, executor=executor)
-        log.info("TBSS: %s", result)
+        _summarise_tbss(result)
         if getattr(args, "skip_segmentation", False):
             pass
         elif _has_tractograms(args.output_dir):
             seg = bundles.run_segmentation(bids_dir=args.bids_dir, output_dir=args.output_dir,
                                            participants=participants, args=args, executor=executor)
-            log.info("segmentation: %s", seg)
+            counts = seg.get("counts", {}) if isinstance(seg, dict) else {}
+            log.info("segmentation: %d participant run(s); profiles in %s", len(counts),
+                     seg.get("profiles") if isinstance(seg, dict) else "?")
         else:
             log.warning("no tractograms in %s: bundle segmentation skipped", args.output_dir)
     print(f"group level done; outputs in {Path(args.output_dir) / 'group'}")

@@ -1,0 +1,1 @@
+"""Group-level analyses (TBSS-style statistics, bundle segmentation)."""

@@ -1,0 +1,366 @@
+"""Block-sparse log-domain Sinkhorn kernels between fibres: one source, CPU and CUDA.
+
+A fibre is one row of a float64 array of shape (n, 3 * npts): its points' x, y, z
+interleaved, already scaled so that the Euclidean norm between two rows is the
+(weighted) RMS distance between matched points.  The cost of a pair is
+``C = |x - y|^2 / 2``, evaluated in both orientations (``y`` read backwards):
+this is the same as adding every fibre's reversed copy to both measures, each
+copy with half the mass, because by symmetry a reversed copy has the same dual
+potential as its original.  Nothing of size rows x columns is ever stored: each
+call recomputes the costs it needs.
+
+Sparsity: rows and columns are sorted by cluster.  ``row_cluster[i]`` is row
+``i``'s cluster, ``blk_ptr``/``blk_idx`` a CSR list of the column clusters each
+row cluster sees, and ``col_start[J]:col_start[J + 1]`` the columns of cluster
+``J``.  One cluster with every column gives the dense problem.
+
+The device functions are plain Python written once in :func:`_make_device_functions`
+and compiled by a factory for each target (``numba.njit`` for the CPU,
+``numba.cuda.jit(device=True)`` for CUDA), so each target calls its own
+versions.  The CUDA kernels also run under the simulator
+(``NUMBA_ENABLE_CUDASIM=1``).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import types
+
+import numba
+import numpy as np
+
+__all__ = ["get_backend", "available_backends", "cuda_available", "CpuBackend", "CudaBackend"]
+
+_THREADS_PER_BLOCK = 128
+
+
+# --------------------------------------------------------------------------- device functions
+# Plain Python, written once.  They call each other by global name; the factory
+# below gives each target its own namespace so that every call resolves to that
+# target's compiled version.
+
+def pair_costs(X, i, xw, Y, j, yw, npts):
+    """Half squared distances between fibre i of X and fibre j of Y, as is and with Y reversed.
+
+    A fibre may come with windows (sub-fibres): fibre i of X is rows ``i*xw .. i*xw+xw-1``;
+    the cost of a pair is the smallest over every window pair.
+    """
+    best0 = math.inf
+    best1 = math.inf
+    last = npts - 1
+    dim = 3 * npts
+    for a in range(xw):
+        ri = i * xw + a
+        for b in range(yw):
+            rj = j * yw + b
+            d0 = 0.0
+            for k in range(dim):
+                e = X[ri, k] - Y[rj, k]
+                d0 += e * e
+            d1 = 0.0
+            for p in range(npts):
+                q = 3 * (last - p)
+                e = X[ri, 3 * p] - Y[rj, q]
+                d1 += e * e
+                e = X[ri, 3 * p + 1] - Y[rj, q + 1]
+                d1 += e * e
+                e = X[ri, 3 * p + 2] - Y[rj, q + 2]
+                d1 += e * e
+            if d0 < best0:
+                best0 = d0
+            if d1 < best1:
+                best1 = d1
+    return 0.5 * best0, 0.5 * best1
+
+
+def lse_push(m, s, v):
+    """Streaming log-sum-exp: the running (max, sum of exp(value - max)) after adding v."""
+    if v <= m:
+        if v < m - 60.0:  # below exp(-60) of the running max: no effect in float64
+            return m, s
+        return m, s + math.exp(v - m)
+    return v, s * math.exp(m - v) + 1.0
+
+
+def row_softmin(i, X, xw, Y, yw, h, inv_eps, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    """-eps log sum_j sum_orientations exp(h_j - C_ij/eps) over the blocks row i sees (+inf if none)."""
+    ci = row_cluster[i]
+    m = -math.inf
+    s = 0.0
+    for k in range(blk_ptr[ci], blk_ptr[ci + 1]):
+        cj = blk_idx[k]
+        for j in range(col_start[cj], col_start[cj + 1]):
+            c0, c1 = pair_costs(X, i, xw, Y, j, yw, npts)
+            hj = h[j]
+            m, s = lse_push(m, s, hj - c0 * inv_eps)
+            m, s = lse_push(m, s, hj - c1 * inv_eps)
+    if s <= 0.0:
+        return math.inf
+    return -(m + math.log(s)) / inv_eps
+
+
+def row_class_mass(i, out, X, xw, Y, yw, h, fi_eps, inv_eps, npts, row_cluster, blk_ptr, blk_idx,
+                   col_start, col_class):
+    """out[i, c] += sum over columns j of class c of exp(f_i/eps + h_j - C_ij/eps), both orientations."""
+    ci = row_cluster[i]
+    for k in range(blk_ptr[ci], blk_ptr[ci + 1]):
+        cj = blk_idx[k]
+        acc = 0.0
+        for j in range(col_start[cj], col_start[cj + 1]):
+            c0, c1 = pair_costs(X, i, xw, Y, j, yw, npts)
+            base = fi_eps + h[j]
+            acc += math.exp(base - c0 * inv_eps) + math.exp(base - c1 * inv_eps)
+        out[i, col_class[cj]] += acc
+
+
+def row_nearest(i, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    """Closest column (either orientation) among the blocks row i sees, and its cost."""
+    ci = row_cluster[i]
+    best = math.inf
+    arg = -1
+    for k in range(blk_ptr[ci], blk_ptr[ci + 1]):
+        cj = blk_idx[k]
+        for j in range(col_start[cj], col_start[cj + 1]):
+            c0, c1 = pair_costs(X, i, xw, Y, j, yw, npts)
+            c = min(c0, c1)
+            if c < best:
+                best = c
+                arg = j
+    return arg, best
+
+
+_DEVICE_FUNCTIONS = (pair_costs, lse_push, row_softmin, row_class_mass, row_nearest)
+
+
+def compile_device_functions(device_jit, namespace: dict | None = None,
+                             overrides: dict | None = None) -> dict:
+    """Compile every shared device function with ``device_jit`` in a fresh namespace.
+
+    Each function is rebuilt from its code object with the new namespace as its
+    globals, so its calls reach the other functions compiled for the same target.
+    ``overrides`` maps a function name to another decorator for that one function.
+    """
+    ns = {"math": math, "numba": numba, "__name__": __name__}
+    ns.update(namespace or {})
+    for fn in _DEVICE_FUNCTIONS:
+        jit = (overrides or {}).get(fn.__name__, device_jit)
+        ns[fn.__name__] = jit(_rebind(fn, ns))
+    return ns
+
+
+def _rebind(fn, ns):
+    clone = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__)
+    clone.__qualname__ = fn.__qualname__
+    clone.__module__ = fn.__module__
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
+# --------------------------------------------------------------------------- CPU kernels (sources)
+
+def _softmin_cpu(out, X, xw, Y, yw, h, inv_eps, lam, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    for i in numba.prange(out.shape[0]):
+        out[i] = lam * row_softmin(i, X, xw, Y, yw, h, inv_eps, npts, row_cluster, blk_ptr, blk_idx,
+                                   col_start)
+
+
+def _class_mass_cpu(out, X, xw, Y, yw, h, f, inv_eps, npts, row_cluster, blk_ptr, blk_idx, col_start,
+                    col_class):
+    for i in numba.prange(out.shape[0]):
+        if math.isfinite(f[i]):
+            row_class_mass(i, out, X, xw, Y, yw, h, f[i] * inv_eps, inv_eps, npts, row_cluster, blk_ptr,
+                           blk_idx, col_start, col_class)
+
+
+def _nearest_cpu(arg, cost, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    for i in numba.prange(arg.shape[0]):
+        a, c = row_nearest(i, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start)
+        arg[i] = a
+        cost[i] = c
+
+
+# --------------------------------------------------------------------------- CUDA kernels (sources)
+
+def _softmin_gpu(out, X, xw, Y, yw, h, inv_eps, lam, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        out[i] = lam * row_softmin(i, X, xw, Y, yw, h, inv_eps, npts, row_cluster, blk_ptr, blk_idx,
+                                   col_start)
+
+
+def _class_mass_gpu(out, X, xw, Y, yw, h, f, inv_eps, npts, row_cluster, blk_ptr, blk_idx, col_start,
+                    col_class):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        if math.isfinite(f[i]):
+            row_class_mass(i, out, X, xw, Y, yw, h, f[i] * inv_eps, inv_eps, npts, row_cluster, blk_ptr,
+                           blk_idx, col_start, col_class)
+
+
+def _nearest_gpu(arg, cost, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start):
+    i = cuda.grid(1)
+    if i < arg.shape[0]:
+        a, c = row_nearest(i, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start)
+        arg[i] = a
+        cost[i] = c
+
+
+# reassociation lets LLVM vectorise the distance sums (CPU only; no finite-math assumptions,
+# the kernels use infinities)
+_CPU_DISTANCE_MATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
+def _build_cpu():
+    ns = compile_device_functions(numba.njit(cache=True), overrides={
+        "pair_costs": numba.njit(cache=True, fastmath=_CPU_DISTANCE_MATH)})
+    par = numba.njit(parallel=True, cache=True)
+    return tuple(par(_rebind(fn, ns)) for fn in (_softmin_cpu, _class_mass_cpu, _nearest_cpu))
+
+
+def _build_cuda():
+    from numba import cuda
+
+    ns = compile_device_functions(cuda.jit(device=True), {"cuda": cuda})
+    return tuple(cuda.jit(_rebind(fn, ns)) for fn in (_softmin_gpu, _class_mass_gpu, _nearest_gpu))
+
+
+# --------------------------------------------------------------------------- backends
+
+class CpuBackend:
+    """Numba CPU kernels (threads: ``numba.set_num_threads``).
+
+    ``X`` holds ``n * xw`` rows (``xw`` windows per fibre, fibre-major), ``Y`` ``m * yw``.
+    """
+
+    name = "cpu"
+
+    def __init__(self):
+        self._softmin, self._class_mass, self._nearest = _kernels("cpu")
+
+    def to_device(self, a: np.ndarray):
+        return np.ascontiguousarray(a)
+
+    def fibres(self, a: np.ndarray):
+        """Fibre array in the kernels' layout (float64, C order, 2D) on this backend."""
+        a = np.asarray(a, dtype=np.float64)
+        return self.to_device(a.reshape(-1, a.shape[-1]))
+
+    def _vec(self, a):
+        return np.ascontiguousarray(a, dtype=np.float64)
+
+    def _launch(self, kernel, n, *args):
+        kernel(*args)
+
+    def _out(self, shape, zero=False, dtype=np.float64):
+        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+
+    def _host(self, a):
+        return a
+
+    def softmin(self, X, xw, Y, yw, h, eps, lam, npts, row_cluster, blk_ptr, blk_idx, col_start):
+        """``lam * (-eps log sum_j sum_orient exp(h_j - C_ij/eps))`` for every fibre of ``X``."""
+        n = X.shape[0] // xw
+        out = self._out(n)
+        self._launch(self._softmin, n, out, X, xw, Y, yw, self._vec(h), 1.0 / eps, lam, npts, row_cluster,
+                     blk_ptr, blk_idx, col_start)
+        return self._host(out)
+
+    def class_mass(self, X, xw, Y, yw, h, f, eps, npts, row_cluster, blk_ptr, blk_idx, col_start,
+                   col_class, n_classes):
+        """Per fibre of X and class: ``sum_{j in class} exp(f_i/eps + h_j - C_ij/eps)`` (n x classes)."""
+        n = X.shape[0] // xw
+        out = self._out((n, n_classes), zero=True)
+        self._launch(self._class_mass, n, out, X, xw, Y, yw, self._vec(h), self._vec(f), 1.0 / eps, npts,
+                     row_cluster, blk_ptr, blk_idx, col_start, col_class)
+        return self._host(out)
+
+    def nearest(self, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start):
+        """Closest fibre of Y (any window, either orientation) for every fibre of X, and its cost."""
+        n = X.shape[0] // xw
+        arg = self._out(n, dtype=np.int64)
+        cost = self._out(n)
+        self._launch(self._nearest, n, arg, cost, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx,
+                     col_start)
+        return self._host(arg), self._host(cost)
+
+
+class CudaBackend(CpuBackend):
+    """The same kernels compiled with ``numba.cuda`` (a GPU, or the CUDA simulator)."""
+
+    name = "cuda"
+
+    def __init__(self):
+        from numba import cuda
+        self._cuda = cuda
+        self._softmin, self._class_mass, self._nearest = _kernels("cuda")
+
+    def to_device(self, a: np.ndarray):
+        return self._cuda.to_device(np.ascontiguousarray(a))
+
+    def _vec(self, a):
+        return self._cuda.to_device(np.ascontiguousarray(a, dtype=np.float64))
+
+    def _out(self, shape, zero=False, dtype=np.float64):
+        if zero:
+            return self._cuda.to_device(np.zeros(shape, dtype))
+        return self._cuda.device_array(shape, dtype=dtype)
+
+    def _host(self, a):
+        return a.copy_to_host()
+
+    def _launch(self, kernel, n, *args):
+        blocks = max(1, (n + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK)
+        kernel[blocks, _THREADS_PER_BLOCK](*args)
+
+
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _kernels(target: str):
+    with _LOCK:
+        if target not in _KERNELS:
+            _KERNELS[target] = _build_cpu() if target == "cpu" else _build_cuda()
+        return _KERNELS[target]
+
+
+def cuda_available() -> bool:
+    """True when a real GPU can run the CUDA kernels (the simulator does not count)."""
+    try:
+        from numba import cuda
+    except Exception:  # pragma: no cover - numba-cuda missing
+        return False
+    if _simulator_enabled():
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _simulator_enabled() -> bool:
+    try:
+        return bool(numba.config.ENABLE_CUDASIM)
+    except AttributeError:  # pragma: no cover
+        import os
+        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    names = ["cpu"]
+    if cuda_available() or _simulator_enabled():
+        names.append("cuda")
+    return names
+
+
+def get_backend(device: str = "auto"):
+    """``"cpu"``, ``"cuda"`` (a GPU or the simulator) or ``"auto"`` (a real GPU if present, else CPU)."""
+    if device == "auto":
+        return CudaBackend() if cuda_available() else CpuBackend()
+    if device == "cpu":
+        return CpuBackend()
+    if device == "cuda":
+        if not (cuda_available() or _simulator_enabled()):
+            raise RuntimeError("no CUDA device available (and NUMBA_ENABLE_CUDASIM is not set)")
+        return CudaBackend()
+    raise ValueError(f"unknown device {device!r}: choose auto, cpu or cuda")
