@@ -93,14 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _option_groups():
     """argparse groups owned by the feature modules."""
-    import importlib
-    groups = []
-    for name in ("bids_app.tracking", "bids_app.group.tbss", "bids_app.group.bundles"):
-        try:  # TEMPORARY during integration: feature modules land one by one
-            groups.append(importlib.import_module(name).add_arguments)
-        except (ImportError, AttributeError):
-            pass
-    return groups
+    from . import tracking
+    from .group import bundles, tbss
+    return [tracking.add_arguments, tbss.add_arguments, bundles.add_arguments]
 
 
 def _setup_logging(verbosity: int):
