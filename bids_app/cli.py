@@ -105,6 +105,13 @@ def _setup_logging(verbosity: int):
     logging.getLogger("tractoscale").setLevel(min(level, logging.INFO))
     for noisy in ("numba", "bids", "matplotlib", "distributed", "asyncio", "h5py", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # trx-python logs its temporary folders with logging.info() on the root logger
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_root_info)
+
+
+def _quiet_root_info(record: logging.LogRecord) -> bool:
+    return record.name != "root" or record.levelno >= logging.WARNING
 
 
 def _run_demo_data(argv) -> int:

@@ -27,8 +27,12 @@ CODE_URL = "https://github.com/tractoscale/tractoscale"
 # Entity order used for every file name we build (BIDS core order, then the
 # BEP016 model/param and BEP046 tract/track entities).
 ENTITY_ORDER = (
-    "sub", "ses", "acq", "rec", "dir", "run", "space", "res", "model", "param",
-    "label", "tract", "track", "desc",
+    "sub", "ses", "acq", "rec", "dir", "run", "space", "res",
+    "from", "to", "mode",          # transforms (BEP014)
+    "model", "param",              # model maps (BEP016)
+    "label", "tract", "track",     # tractography (BEP046)
+    "contrast", "stat",            # statistical maps (BIDS stats models)
+    "desc",
 )
 # pybids long names -> short keys
 LONG_TO_SHORT = {

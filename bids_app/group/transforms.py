@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..derivatives import ENTITY_ORDER, save_nifti, sidecar_path
+from ..derivatives import ENTITY_ORDER, bids_name, save_nifti, sidecar_path
 from ..errors import InputDataError, NoInputError
 
 XFM_DIR = ("group", "tbss", "xfm")
@@ -44,9 +44,8 @@ def _label(value: str) -> str:
 
 def xfm_name(entities: dict, src: str, dst: str) -> str:
     """``sub-01[_ses-A]_from-<src>_to-<dst>_mode-image_xfm.nii.gz``."""
-    parts = [f"{k}-{entities[k]}" for k in XFM_ENTITIES if entities.get(k) not in (None, "")]
-    parts += [f"from-{_label(src)}", f"to-{_label(dst)}", "mode-image"]
-    return "_".join(parts) + "_xfm.nii.gz"
+    ents = {k: entities[k] for k in XFM_ENTITIES if entities.get(k) not in (None, "")}
+    return bids_name({**ents, "from": _label(src), "to": _label(dst), "mode": "image"}, "xfm", ".nii.gz")
 
 
 def xfm_dir(output_dir: Path | str) -> Path:

@@ -44,10 +44,8 @@ def _opt(args, name, default=None):
 
 
 def stat_name(entities: dict, contrast: str, stat: str, suffix: str = "statmap", ext: str = ".nii.gz") -> str:
-    """bids_name plus the ``contrast-``/``stat-`` entities (BIDS stats-model style) before the suffix."""
-    base = bids_name(entities, suffix, ext)
-    head = base[: -len(f"_{suffix}{ext}")]
-    return f"{head}_contrast-{contrast}_stat-{stat}_{suffix}{ext}"
+    """bids_name with the ``contrast-``/``stat-`` entities (BIDS stats-model style)."""
+    return bids_name({**entities, "contrast": contrast, "stat": stat}, suffix, ext)
 
 
 def _corr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
