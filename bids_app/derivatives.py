@@ -52,6 +52,16 @@ def bids_name(entities: dict, suffix: str, extension: str) -> str:
     return "_".join(parts + [suffix]) + extension
 
 
+def parse_entities(name: str) -> dict:
+    """``sub-01_ses-A_model-tensor_param-fa_dwimap.nii.gz`` -> {"sub": "01", "ses": "A", ...}."""
+    ents = {}
+    for part in name.split(".")[0].split("_")[:-1]:
+        if "-" in part:
+            k, v = part.split("-", 1)
+            ents[k] = v
+    return ents
+
+
 def subject_dir(output_dir: Path, entities: dict, datatype: str = "dwi") -> Path:
     """``output_dir/sub-X[/ses-Y]/<datatype>``."""
     d = Path(output_dir) / f"sub-{entities['sub']}"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ... import __version__
-from ...derivatives import sidecar_path
+from ...derivatives import parse_entities, sidecar_path
 from ...errors import InputDataError, NoInputError, NoMatchError, UsageError
 from . import outputs
 from .atlas import DEMO_ATLAS, find_atlas, load_atlas
@@ -89,16 +89,6 @@ def _atlas_space(path: Path, given: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- inputs
 
-def _entities(name: str) -> dict:
-    stem = name.split(".")[0]
-    out = {}
-    for part in stem.split("_")[:-1]:
-        if "-" in part:
-            k, v = part.split("-", 1)
-            out[k] = v
-    return out
-
-
 def find_tractograms(output_dir: Path, participants, track: str, sessions=None) -> list[dict]:
     """One entry per participant run: its whole-brain tractogram and tensor maps."""
     output_dir = Path(output_dir)
@@ -109,7 +99,7 @@ def find_tractograms(output_dir: Path, participants, track: str, sessions=None) 
     runs: dict = {}
     found = [p for ext in TRACTOGRAM_EXTENSIONS for p in output_dir.glob(f"sub-*/**/dwi/*_tractogram{ext}")]
     for p in sorted(found):
-        ents = _entities(p.name)
+        ents = parse_entities(p.name)
         if "track" not in ents or "tract" in ents or "desc" in ents or "space" in ents:
             continue  # our own outputs, or tractograms not in native space
         if wanted is not None and ents.get("sub") not in wanted:

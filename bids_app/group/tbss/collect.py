@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ...derivatives import bids_name, subject_dir
+from ...derivatives import bids_name, parse_entities, subject_dir
 from ...errors import NoInputError
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,6 @@ class ParticipantMaps:
     @property
     def participant_id(self) -> str:
         return f"sub-{self.entities['sub']}"
-
-
-def parse_entities(name: str) -> dict:
-    ents = {}
-    for part in name.split("_")[:-1]:
-        if "-" in part:
-            k, v = part.split("-", 1)
-            ents[k] = v
-    return ents
 
 
 def _readable(path: Path, shape=None) -> str | None:
