@@ -1,4 +1,5 @@
-"""Tractography speed: tractoscale (CPU, and CUDA when a GPU is present) vs DIPY vs MRtrix3.
+"""Tractography speed: tractoscale (CPU, and CUDA when a GPU is present) vs DIPY vs MRtrix3 vs
+GPUStreamlines (``cuslines``, when installed and a GPU is present).
 
 Runs every tracker on the same demo subject, the same seeds and the same settings (probabilistic,
 step, max angle 30 deg, PMF threshold 0.1, FA > 0.1 stopping, 10-250 mm), each in its own
@@ -10,6 +11,7 @@ process so that peak memory is its own, and prints seeds/s, streamlines/s, peak 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -141,6 +143,48 @@ def worker_dipy(inputs: Path, threads: int) -> dict:
                 peak_rss_mb=_peak_mb(), tracking_rss_mb=_peak_mb() - base)
 
 
+def worker_cuslines(inputs: Path) -> dict:
+    """GPUStreamlines (PyPI ``cuslines``) probabilistic tracking on the same ODFs, seeds and stopping.
+
+    cuslines takes ODFs sampled on a sphere, seeds and step size in voxels, and lengths as point
+    counts; it has no PMF threshold option.
+    """
+    from math import radians
+
+    import nibabel as nib
+    from dipy.data import default_sphere
+    from dipy.reconst.shm import sh_to_sf_matrix
+
+    import cuslines
+    if cuslines.BACKEND != "cuda":
+        raise RuntimeError(f"cuslines found no CUDA GPU (backend {cuslines.BACKEND})")
+    d = np.load(inputs)
+    aff, step_mm = d["affine"], float(d["step"])
+    order = int(round((np.sqrt(8 * d["sh"].shape[-1] + 1) - 3) / 2))
+    b, _ = sh_to_sf_matrix(default_sphere, sh_order_max=order, basis_type="tournier07", legacy=False)
+    odf = np.clip(d["sh"] @ b.astype(np.float32), 0, None)
+    vox = float(np.sqrt((aff[:3, :3] ** 2).sum(0)).mean())
+    seeds_vox = (d["seeds_world"] - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
+    ref = nib.Nifti1Image(d["fa"].astype(np.float32), aff)
+    kw = dict(sphere_symm=False, max_angle=radians(SETTINGS["max_angle"]), step_size=step_mm / vox,
+              min_pts=int(SETTINGS["min_length"] / step_mm), max_pts=int(SETTINGS["max_length"] / step_mm),
+              ngpus=1, rng_seed=1)
+    stop = (d["fa"] * d["mask"]).astype(np.float64)
+    with cuslines.Tracker(cuslines.ProbDirectionGetter(), odf.astype(np.float64), stop,
+                          SETTINGS["stop_threshold"], default_sphere.vertices, default_sphere.edges,
+                          **kw) as tracker:
+        tracker.generate_sft(seeds_vox[:256], ref)  # warm-up
+        dt = float("inf")
+        for _ in range(REPEAT):
+            t0 = time.perf_counter()
+            sft = tracker.generate_sft(seeds_vox, ref)
+            n_sl = len(sft.streamlines)
+            n_pts = int(sum(len(s) for s in sft.streamlines))
+            dt = min(dt, time.perf_counter() - t0)
+    return dict(name="GPUStreamlines cuslines (1 GPU)", seconds=dt, n_seeds=len(seeds_vox),
+                n_streamlines=n_sl, n_points=n_pts, peak_rss_mb=_peak_mb(), tracking_rss_mb=float("nan"))
+
+
 def run_tckgen(inputs: Path, threads: int, work: Path) -> dict | None:
     """MRtrix3 iFOD1 (probabilistic, first order) at matched settings, when installed."""
     exe = shutil.which("tckgen")
@@ -189,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--skip-dipy", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--worker", choices=("cpu", "cuda", "dipy"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("cpu", "cuda", "dipy", "cuslines"), help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -197,6 +241,8 @@ def main(argv=None) -> int:
     if a.worker:
         if a.worker == "dipy":
             res = worker_dipy(a.inputs, a.threads)
+        elif a.worker == "cuslines":
+            res = worker_cuslines(a.inputs)
         else:
             res = worker_ours(a.inputs, a.worker, a.out)
         print(json.dumps(res))
@@ -211,6 +257,11 @@ def main(argv=None) -> int:
         results = [_spawn(["--worker", "cpu"] + common, env)]
         if real_gpu_available():
             results.append(_spawn(["--worker", "cuda"] + common, env))
+            if importlib.util.find_spec("cuslines") is not None:
+                try:
+                    results.append(_spawn(["--worker", "cuslines"] + common, env))
+                except RuntimeError as exc:
+                    print("cuslines failed:", str(exc)[-800:])
         if not a.skip_dipy:
             results.append(_spawn(["--worker", "dipy"] + common, env))
         mr = run_tckgen(inputs, a.threads, work)
@@ -228,9 +279,12 @@ def main(argv=None) -> int:
         print(f"{r['name']:45s} {r['seconds']:8.2f} {r['seeds_per_s']:10.0f} "
               f"{r['streamlines_per_s']:10.0f} {r['n_streamlines']:8d} {r['peak_rss_mb']:8.0f} "
               f"{r['tracking_rss_mb']:8.0f}")
-    ours = results[0]
-    for r in results[1:]:
-        print(f"ratio {ours['name']} / {r['name']}: seeds/s x{ours['seeds_per_s'] / r['seeds_per_s']:.2f}")
+    ours = [r for r in results if r["name"].startswith("tractoscale")]
+    for o in ours:
+        for r in results:
+            if r["name"].startswith("tractoscale"):
+                continue
+            print(f"ratio {o['name']} / {r['name']}: seeds/s x{o['seeds_per_s'] / r['seeds_per_s']:.2f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0
