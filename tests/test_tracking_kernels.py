@@ -326,18 +326,50 @@ _LOWER_SCRIPT = textwrap.dedent("""
            A(t.int32, 2), A(t.float32, 4), A(t.float64, 2), A(t.float64, 1), A(t.int64, 1),
            A(t.float32, 4), A(t.float64, 2), A(t.float32, 3), A(t.int32, 1))
     res = compile_cuda(ct._track_kernel.py_func, t.void, sig, cc=(9, 0))
+    from numba import cuda
+    try:   # NVVM (from the numba-cuda[cu12] wheels) turns the IR into PTX for an H100
+        ptx, _ = cuda.compile_ptx(ct._track_kernel.py_func, sig, cc=(9, 0))
+    except Exception as exc:
+        ptx = ""
+        print("NO-NVVM", type(exc).__name__, file=sys.stderr)
+    open({ptx_path!r}, "w").write(ptx)
     print("IR", len(res.library.get_llvm_str()))
 """)
 
 
-def test_cuda_kernel_types_and_lowers_for_a_real_gpu_target():
-    """Not the simulator: numba's CUDA front end types and lowers the real kernel to LLVM IR."""
+def _ptxas():
+    """ptxas from the nvidia-cuda-nvcc wheel, or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    exe = Path(list(spec.submodule_search_locations)[0]) / "bin" / "ptxas"
+    return exe if exe.exists() else None
+
+
+def test_cuda_kernel_compiles_for_a_real_gpu_target(tmp_path):
+    """Not the simulator: numba's CUDA front end types and lowers the real kernel to LLVM IR,
+    NVVM compiles it to sm_90 PTX and ptxas assembles that without spilling registers."""
     pytest.importorskip("numba.cuda")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT.format(root=str(ROOT))],
+    ptx_path = tmp_path / "track.ptx"
+    proc = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT.format(root=str(ROOT), ptx_path=str(ptx_path))],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 10000
+    ptx = ptx_path.read_text()
+    if not ptx:
+        pytest.skip("no NVVM installed (pip install numba-cuda[cu12]): checked the LLVM IR only")
+    assert ".target sm_90" in ptx and ".visible .entry" in ptx
+    ptxas = _ptxas()
+    if ptxas is None:
+        return
+    asm = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(ptx_path), "-o", str(tmp_path / "track.cubin")],
+                         capture_output=True, text=True, timeout=600)
+    assert asm.returncode == 0, asm.stderr[-3000:]
+    # the kernel's own "Function properties" block, not those of helpers such as the trig slow path
+    kernel_info = asm.stderr.split("_track_kernel")[-1].split("Function properties for")[0]
+    assert "bytes stack frame" in kernel_info and " 0 bytes spill stores" in kernel_info, asm.stderr[-2000:]
 
 
 def test_select_device(monkeypatch):
