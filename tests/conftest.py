@@ -59,3 +59,24 @@ def demo_copy(demo_bids, tmp_path) -> Path:
     dst = tmp_path / "bids"
     shutil.copytree(demo_bids, dst, ignore=shutil.ignore_patterns("sourcedata"))
     return dst
+
+
+# ------------------------------------------------------------------------------------ TBSS
+
+@pytest.fixture(scope="session")
+def tbss_cohort(tmp_path_factory):
+    """5 controls + 5 patients with DTI maps (bids, output_dir, meta); built once, cached on disk."""
+    from bids_app.group.tbss.synthetic import cached_demo_cohort
+    return cached_demo_cohort(tmp_path_factory.getbasetemp(), n_controls=5, n_patients=5, undeformed=2)
+
+
+def tbss_args(*argv):
+    """The TBSS options as the CLI parses them (no progress bars in tests)."""
+    import argparse
+
+    from bids_app.group.tbss import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(list(argv))
+    args.no_progress = True
+    return args

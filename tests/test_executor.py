@@ -4,7 +4,6 @@ The Dask test starts a ``distributed.LocalCluster`` (2 worker processes, 127.0.0
 TBSS step through ``make_executor(dask_scheduler=...)`` and compares every result with the
 same step run on the local process pool.
 """
-import argparse
 import json
 import os
 import shutil
@@ -15,8 +14,8 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.group.executor import make_executor, run_tasks
-from bids_app.group.tbss import add_arguments, run_tbss
-from bids_app.group.tbss.synthetic import cached_demo_cohort
+from bids_app.group.tbss import run_tbss
+from conftest import tbss_args
 
 
 def _square_and_pid(x, *, offset=0):
@@ -54,10 +53,7 @@ def test_bad_scheduler_is_a_usage_error(tmp_path):
 
 
 def _tbss(bids, out, executor):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(["--tbss-quick"])
-    args.no_progress = True
+    args = tbss_args("--tbss-quick")
     return run_tbss(bids_dir=bids, output_dir=out, participants=[{"sub": s} for s in ("01", "02", "03", "07")],
                     args=args, executor=executor)
 
@@ -69,9 +65,9 @@ def _copy(cohort, dst):
     return dst / "bids", dst / "out"
 
 
-def test_dask_local_cluster_matches_local_pool(tmp_path, tmp_path_factory):
+def test_dask_local_cluster_matches_local_pool(tmp_path, tbss_cohort):
     distributed = pytest.importorskip("distributed")
-    cohort = cached_demo_cohort(tmp_path_factory.getbasetemp(), n_controls=5, n_patients=5, undeformed=2)
+    cohort = tbss_cohort
     bids_a, out_a = _copy(cohort, tmp_path / "pool")
     bids_b, out_b = _copy(cohort, tmp_path / "dask")
     with make_executor(2) as ex:

@@ -5,7 +5,6 @@ dipy's DTI; sub-03 has no warp (it sits exactly in template space) so it is the 
 representative participant.  One run of ``run_tbss`` (auto target, two-sample test on
 ``group``), then a run on shuffled labels (registrations reused), then a resume test.
 """
-import argparse
 import json
 import logging
 import shutil
@@ -18,23 +17,16 @@ from scipy import ndimage as ndi
 from bids_app.demo import BUNDLES
 from bids_app.errors import NoInputError, UsageError
 from bids_app.group.executor import make_executor
-from bids_app.group.tbss import add_arguments, run_tbss
-from bids_app.group.tbss.synthetic import cached_demo_cohort, demo_subject
+from bids_app.group.tbss import run_tbss
+from bids_app.group.tbss.synthetic import demo_subject
+from conftest import tbss_args
 
 N_PERM = 500
 
 
-def tbss_args(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.no_progress = True
-    return args
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return cached_demo_cohort(tmp_path_factory.getbasetemp(), n_controls=5, n_patients=5, undeformed=2)
+def cohort(tbss_cohort):
+    return tbss_cohort
 
 
 @pytest.fixture(scope="module")

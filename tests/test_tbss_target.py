@@ -1,5 +1,4 @@
 """Target selection: coarse-first ``auto`` vs full all-to-all, and TemplateFlow targets/spaces offline."""
-import argparse
 import json
 import logging
 import shutil
@@ -10,24 +9,17 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.group.executor import make_executor
-from bids_app.group.tbss import add_arguments, run_tbss
+from bids_app.group.tbss import run_tbss
 from bids_app.group.tbss.collect import collect_maps
-from bids_app.group.tbss.synthetic import cached_demo_cohort, demo_subject
+from bids_app.group.tbss.synthetic import demo_subject
 from bids_app.group.tbss.target import select_auto, templateflow_image
 from bids_app.group.transforms import grid_points, load_transform
+from conftest import tbss_args
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return cached_demo_cohort(tmp_path_factory.getbasetemp(), n_controls=5, n_patients=5, undeformed=2)
-
-
-def tbss_args(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.no_progress = True
-    return args
+def cohort(tbss_cohort):
+    return tbss_cohort
 
 
 def test_coarse_first_auto_equals_full_all_to_all(cohort, tmp_path, caplog):

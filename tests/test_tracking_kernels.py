@@ -327,11 +327,10 @@ _LOWER_SCRIPT = textwrap.dedent("""
            A(t.float32, 4), A(t.float64, 2), A(t.float32, 3), A(t.int32, 1))
     res = compile_cuda(ct._track_kernel.py_func, t.void, sig, cc=(9, 0))
     from numba import cuda
-    try:   # NVVM (from the numba-cuda[cu12] wheels) turns the IR into PTX for an H100
+    from numba.cuda.cudadrv import nvvm
+    ptx = ""
+    if nvvm.is_available():   # NVVM (from the numba-cuda[cu12] wheels) turns the IR into PTX for an H100
         ptx, _ = cuda.compile_ptx(ct._track_kernel.py_func, sig, cc=(9, 0))
-    except Exception as exc:
-        ptx = ""
-        print("NO-NVVM", type(exc).__name__, file=sys.stderr)
     open({ptx_path!r}, "w").write(ptx)
     print("IR", len(res.library.get_llvm_str()))
 """)
@@ -363,7 +362,7 @@ def test_cuda_kernel_compiles_for_a_real_gpu_target(tmp_path):
     assert ".target sm_90" in ptx and ".visible .entry" in ptx
     ptxas = _ptxas()
     if ptxas is None:
-        return
+        pytest.skip("no ptxas installed (pip install numba-cuda[cu12]): checked the PTX only")
     asm = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(ptx_path), "-o", str(tmp_path / "track.cubin")],
                          capture_output=True, text=True, timeout=600)
     assert asm.returncode == 0, asm.stderr[-3000:]
