@@ -136,9 +136,11 @@ isolated "$VPY" -m pip install --no-cache-dir --quiet --upgrade pip
 # build/ or *.egg-info folders in it cannot leak old modules into the install.
 BUILD_SRC="$SCRATCH/src"
 mkdir "$BUILD_SRC"
-tar -C "$SRC" -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
-    --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.numba_cache --exclude=./.pytest_cache \
-    --exclude=./demo . | tar -C "$BUILD_SRC" -xf -
+# (the same exclusions as .dockerignore)
+tar -C "$SRC" -cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build --exclude=./dist \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.py[cod]' --exclude=./.numba_cache \
+    --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.whl \
+    --exclude=./.gl --exclude=./demo --exclude=./work --exclude='*.sif' . | tar -C "$BUILD_SRC" -xf -
 target="$BUILD_SRC"
 [ -n "$EXTRAS" ] && target="$BUILD_SRC[$EXTRAS]"
 say "pip install $SRC${EXTRAS:+[$EXTRAS]}"

@@ -29,8 +29,9 @@ def render() -> str:
             if a.choices:
                 meta = " " + "\\|".join(map(str, a.choices))
             elif a.metavar:
-                meta = f" {a.metavar}"
-            text = (a.help or "").replace("|", "\\|").replace("%(default)s", str(a.default))
+                meta = " " + str(a.metavar).replace("|", "\\|")
+            # the help as argparse prints it: %(default)s filled in, %% unescaped; | escaped for the table
+            text = (a.help or "").replace("%(default)s", str(a.default)).replace("%%", "%").replace("|", "\\|")
             out.append(f"| {flags}{meta} | {text} |")
     return "\n".join(out)
 
