@@ -39,6 +39,9 @@ LONG_TO_SHORT = {
     "subject": "sub", "session": "ses", "acquisition": "acq",
     "reconstruction": "rec", "direction": "dir", "run": "run",
 }
+# the entities that identify one DWI run, and the tensor maps every run gets
+RUN_ENTITIES = tuple(LONG_TO_SHORT.values())
+TENSOR_SCALARS = ("fa", "md", "ad", "rd")
 
 
 def bids_name(entities: dict, suffix: str, extension: str) -> str:
@@ -68,6 +71,16 @@ def subject_dir(output_dir: Path, entities: dict, datatype: str = "dwi") -> Path
     if entities.get("ses"):
         d = d / f"ses-{entities['ses']}"
     return d / datatype
+
+
+def run_label(entities: dict) -> str:
+    """``sub-01[_ses-A][_acq-...]``: the run's entities in BIDS order."""
+    return "_".join(f"{k}-{entities[k]}" for k in RUN_ENTITIES if entities.get(k) not in (None, ""))
+
+
+def tensor_map_path(directory: Path, entities: dict, param: str) -> Path:
+    """``<directory>/<run>_model-tensor_param-<param>_dwimap.nii.gz``."""
+    return Path(directory) / bids_name({**entities, "model": "tensor", "param": param}, "dwimap", ".nii.gz")
 
 
 @contextlib.contextmanager

@@ -24,18 +24,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..derivatives import ENTITY_ORDER, bids_name, save_nifti, sidecar_path
+from ..derivatives import ENTITY_ORDER, RUN_ENTITIES, bids_name, save_nifti, sidecar_path
 from ..errors import InputDataError, NoInputError
 
 XFM_DIR = ("group", "tbss", "xfm")
 # entities of a transform file name: the participant's, then from/to/mode
-XFM_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run")
+XFM_ENTITIES = RUN_ENTITIES   # a transform belongs to one DWI run
 
 
 def _label(value: str) -> str:
@@ -188,8 +189,13 @@ class SubjectTransform:
     def image_to_common(self, array: np.ndarray, native_affine: np.ndarray, *, order: int = 1,
                         cval: float = 0.0) -> np.ndarray:
         """Resample a native image (3D, or 4D per volume) onto the common grid."""
-        where = self.to_native(grid_points(self.common_shape, self.common_affine))
-        return sample_image(array, native_affine, where, order=order, cval=cval).astype(np.float32)
+        return sample_image(array, native_affine, self._common_grid_in_native, order=order,
+                            cval=cval).astype(np.float32)
+
+    @cached_property
+    def _common_grid_in_native(self) -> np.ndarray:
+        """Native world mm of every common-grid voxel (computed once; FA, MD, AD, RD reuse it)."""
+        return self.to_native(grid_points(self.common_shape, self.common_affine))
 
     def image_to_native(self, array: np.ndarray, *, order: int = 1, cval: float = 0.0) -> np.ndarray:
         """Resample a common-space image onto the participant's native grid."""

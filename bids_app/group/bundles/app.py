@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ... import __version__
-from ...derivatives import parse_entities, sidecar_path
+from ...derivatives import TENSOR_SCALARS, parse_entities, run_label, sidecar_path, tensor_map_path
 from ...errors import InputDataError, NoInputError, NoMatchError, UsageError
 from . import outputs
 from .atlas import DEMO_ATLAS, find_atlas, load_atlas
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 TRACK_ORDER = ("prob", "ptt", "det", "boot")
 TRACTOGRAM_EXTENSIONS = (".trx", ".tck", ".trk")
-SCALARS = ("fa", "md", "ad", "rd")
+SCALARS = TENSOR_SCALARS
 DEFAULT_REACH = 20.0
 DEMO_REACH = 5.0   # the demo phantom is about half the size of a human brain, at 2.5 mm voxels
 
@@ -125,9 +125,8 @@ def find_tractograms(output_dir: Path, participants, track: str, sessions=None) 
                                f"{', '.join(sorted(by_track))})")
         d = by_track[chosen].parent
         maps = {}
-        from ...derivatives import bids_name
         for s in SCALARS:
-            mp = d / bids_name({**ents, "model": "tensor", "param": s}, "dwimap", ".nii.gz")
+            mp = tensor_map_path(d, ents, s)
             if mp.exists():
                 maps[s] = str(mp)
         if "fa" not in maps:
@@ -179,12 +178,12 @@ def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str)
     atlas_space = _atlas_space(Path(atlas_path), opts["atlas_space"])
     record = _params_record(opts, atlas_path, atlas_space)
     atlas = load_atlas(atlas_path, max_per_bundle=opts["atlas_max"])
-    if opts["fragments"]:
-        atlas = atlas.with_fragments()
     paths = outputs.participant_paths(output_dir, ents, job["track"], atlas.names)
     cached = _cached(paths, record, job, opts)
     if cached is not None:
         return cached
+    if opts["fragments"]:   # only when there is work: 10x the atlas fibres (same bundle names)
+        atlas = atlas.with_fragments()
 
     native = load_streamlines(Path(job["tractogram"]))
     common, mapping = to_atlas_space(native, atlas, output_dir=output_dir, entities=ents,
@@ -192,11 +191,11 @@ def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str)
     backend = get_backend(select_device(opts["device"]))
     params = OTParams(blur=opts["blur"], reach=opts["reach"], scaling=opts["scaling"],
                       outlier_level=opts["outlier_level"], n_clusters=opts["clusters"])
-    seg = segment(common, atlas, opts["method"], params, backend)
+    pts = resample(common, atlas.npts) if len(common) else np.zeros((0, atlas.npts, 3))
+    seg = segment(common, atlas, opts["method"], params, backend, points=pts)
 
     # orientation of every labelled streamline against its atlas bundle's mean fibre
     flips = np.zeros(len(native), bool)
-    pts = resample(common, atlas.npts) if len(common) else np.zeros((0, atlas.npts, 3))
     cents = atlas.centroids()
     for k in range(len(atlas.names)):
         idx = np.flatnonzero(seg.labels == k)
@@ -210,26 +209,26 @@ def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str)
                "MappingToAtlas": mapping.describe(), "Counts": seg.counts(), "Stats": _jsonable(seg.stats)}
     files = _write_bundles(paths, native, seg, flips, fa_img, sidecar)
 
-    maps = {s: (np.asarray(nib.load(p).dataobj, np.float64), nib.load(p).affine)
-            for s, p in job["maps"].items()}
+    imgs = {s: nib.load(p) for s, p in job["maps"].items()}
+    maps = {s: (np.asarray(img.dataobj, np.float64), img.affine) for s, img in imgs.items()}
     rows = _profiles(native, seg, flips, maps, ents, opts["nodes"])
     scalars = [s for s in SCALARS if s in maps]
     prof = pd.DataFrame(rows, columns=list(outputs.PROFILE_COLUMNS) + scalars)
     outputs.write_tsv(paths["profiles"], prof,
                       {**outputs.profile_sidecar(scalars), "SegmentationParameters": record,
                        "Sources": [job["tractogram"]] + list(job["maps"].values())})
-    counts = _counts_table(seg, ents)
+    counts = _counts_table(seg.counts(), ents)
     outputs.write_tsv(paths["counts"], counts,
                       {"tract": {"Description": "bundle name as in the atlas ('outlier': no bundle)"},
                        "streamlines": {"Description": "number of streamlines labelled with the bundle"},
                        "SegmentationParameters": record})
     files += [str(paths["profiles"]), str(paths["counts"])]
 
-    fig = outputs.group_dir(output_dir) / "figures" / f"{_run_label(ents)}_bundles.png"
+    fig = outputs.group_dir(output_dir) / "figures" / f"{run_label(ents)}_bundles.png"
     from .figures import plot_bundles
-    plot_bundles(pts, seg.labels, atlas.names, fig, title=f"{_run_label(ents)}: bundles in atlas space")
+    plot_bundles(pts, seg.labels, atlas.names, fig, title=f"{run_label(ents)}: bundles in atlas space")
     files.append(str(fig))
-    log.info("%s: %s in %.1f s", _run_label(ents), seg.counts(), time.perf_counter() - t0)
+    log.info("%s: %s in %.1f s", run_label(ents), seg.counts(), time.perf_counter() - t0)
     return {"entities": ents, "counts": seg.counts(), "profiles": prof, "files": files,
             "stats": _jsonable(seg.stats), "cached": False}
 
@@ -250,7 +249,7 @@ def _cached(paths, record, job, opts):
             meta.get("Sources") != [job["tractogram"]]:
         return None
     prof = outputs.read_tsv(paths["profiles"])
-    log.info("%s: outputs up to date, reused", _run_label(job["entities"]))
+    log.info("%s: outputs up to date, reused", run_label(job["entities"]))
     return {"entities": job["entities"], "counts": meta.get("Counts", {}), "profiles": prof,
             "files": [str(p) for p in need], "stats": meta.get("Stats", {}), "cached": True}
 
@@ -295,16 +294,10 @@ def _profiles(native, seg, flips, maps, ents, n_nodes) -> list:
     return rows
 
 
-def _counts_table(seg, ents) -> pd.DataFrame:
-    c = seg.counts()
+def _counts_table(counts: dict, ents: dict) -> pd.DataFrame:
+    """One row per bundle (and 'outlier'): subject, session, tract, streamlines."""
     return pd.DataFrame({"subject": ents["sub"], "session": ents.get("ses"),
-                         "tract": list(c), "streamlines": list(c.values())})
-
-
-def _run_label(ents: dict) -> str:
-    """``sub-01[_ses-A][_acq-...]``: the run's entities in BIDS order."""
-    return "_".join(f"{k}-{ents[k]}" for k in ("sub", "ses", "acq", "rec", "dir", "run")
-                    if ents.get(k) not in (None, ""))
+                         "tract": list(counts), "streamlines": list(counts.values())})
 
 
 def _jsonable(d: dict) -> dict:
@@ -361,7 +354,7 @@ def run_segmentation(*, bids_dir, output_dir, participants, args, executor) -> d
     record = _params_record(opts, str(atlas_path), _atlas_space(atlas_path, opts["atlas_space"]))
     write_json(gdir / "tract_profiles.json", {**outputs.profile_sidecar(scalars),
                                               "SegmentationParameters": record})
-    counts = pd.concat([_counts_frame(r) for r in results], ignore_index=True)
+    counts = pd.concat([_counts_table(r["counts"], r["entities"]) for r in results], ignore_index=True)
     outputs.update_group_table(gdir / "bundle_counts.tsv", counts)
 
     groups = _groups(bids_dir)
@@ -372,12 +365,6 @@ def run_segmentation(*, bids_dir, output_dir, participants, args, executor) -> d
         figs.append(str(plot_profiles(sub, name, gdir / "figures" / f"tract-{outputs.tract_label(name)}"
                                       "_profiles.png", groups, scalars)))
     return {"participants": len(results), "atlas": str(atlas_path), "method": opts["method"],
-            "counts": {_run_label(r["entities"]): r["counts"] for r in results},
+            "counts": {run_label(r["entities"]): r["counts"] for r in results},
             "profiles": str(gdir / "tract_profiles.tsv"), "figures": figs,
             "reused": sum(bool(r.get("cached")) for r in results)}
-
-
-def _counts_frame(r) -> pd.DataFrame:
-    e = r["entities"]
-    return pd.DataFrame({"subject": e["sub"], "session": e.get("ses"), "tract": list(r["counts"]),
-                         "streamlines": list(r["counts"].values())})

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...derivatives import atomic_write
+from ...derivatives import TENSOR_SCALARS, atomic_write
 
-SCALARS = ("fa", "md", "ad", "rd")
+SCALARS = TENSOR_SCALARS
 
 
 def _plt():

@@ -297,14 +297,16 @@ def _truncate(cx, rx, fx, cy, ry, gy, eps, tau, chunk=512):
     kx, ky = len(cx), len(cy)
     row_best = np.full(kx, -np.inf)
     col_best = np.full(ky, -np.inf)
+    sqdist = []   # kx x ky cluster distances in all: kept for the second pass
     for s in range(0, kx, chunk):
         d2 = _window_sqdist(cx[s:s + chunk], cy)
+        sqdist.append(d2)
         act = (fx[s:s + chunk, None] + gy[None, :] - 0.5 * d2) / eps
         row_best[s:s + chunk] = act.max(axis=1)
         np.maximum(col_best, act.max(axis=0), out=col_best)
     pi, pj = [], []
-    for s in range(0, kx, chunk):
-        d = np.sqrt(_window_sqdist(cx[s:s + chunk], cy))
+    for s, d2 in zip(range(0, kx, chunk), sqdist):
+        d = np.sqrt(d2)
         low = np.maximum(d - rx[s:s + chunk, None] - ry[None, :], 0.0)
         opt = (fx[s:s + chunk, None] + gy[None, :] - 0.5 * low ** 2) / eps
         keep = (opt >= row_best[s:s + chunk, None] - tau) | (opt >= col_best[None, :] - tau)

@@ -41,8 +41,12 @@ class Segmentation:
 
 
 def segment(streamlines, atlas: Atlas, method: str = "ot", params: OTParams | None = None,
-            backend=None, centroid_threshold: float | None = None) -> Segmentation:
-    """Label ``streamlines`` (list/ArraySequence of (k, 3) mm, in atlas space) with ``atlas``."""
+            backend=None, centroid_threshold: float | None = None,
+            points: np.ndarray | None = None) -> Segmentation:
+    """Label ``streamlines`` (list/ArraySequence of (k, 3) mm, in atlas space) with ``atlas``.
+
+    ``points``: the streamlines already resampled to ``atlas.npts`` points, when the caller has them.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown segmentation method {method!r}: choose one of {METHODS}")
     sl = as_sequence(streamlines)
@@ -51,7 +55,10 @@ def segment(streamlines, atlas: Atlas, method: str = "ot", params: OTParams | No
     score = np.zeros(n)
     ok = np.flatnonzero(arc_lengths(sl) > 0) if n else np.zeros(0, np.int64)
     t0 = time.perf_counter()
-    X = to_vectors(resample(sl[ok], atlas.npts)) if len(ok) else np.zeros((0, 3 * atlas.npts))
+    if not len(ok):
+        X = np.zeros((0, 3 * atlas.npts))
+    else:
+        X = to_vectors(points[ok] if points is not None else resample(sl[ok], atlas.npts))
     if method == "ot":
         res = transport_labels(X, atlas.window_vectors(), atlas.labels, len(atlas.names), params, backend)
         labels[ok] = res.labels

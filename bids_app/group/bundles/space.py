@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from nibabel.streamlines import ArraySequence
 
+from ...derivatives import RUN_ENTITIES
 from ...errors import NoInputError, UsageError
 from .align import apply_affine, register_tractograms
 
@@ -73,7 +74,7 @@ def to_atlas_space(streamlines: ArraySequence, atlas, *, output_dir, entities: d
 def _tbss_transform(output_dir, entities, atlas_space, required):
     from ..transforms import available_spaces, load_transform
 
-    ents = {k: v for k, v in entities.items() if k in ("sub", "ses", "acq", "rec", "dir", "run")}
+    ents = {k: v for k, v in entities.items() if k in RUN_ENTITIES}
     spaces = available_spaces(output_dir, ents)
     if not spaces:
         if required:

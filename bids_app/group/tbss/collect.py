@@ -8,13 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ...derivatives import bids_name, parse_entities, subject_dir
+from ...derivatives import RUN_ENTITIES, TENSOR_SCALARS, parse_entities, run_label, subject_dir, tensor_map_path
 from ...errors import NoInputError
 
 log = logging.getLogger(__name__)
 
-SCALARS = ("fa", "md", "ad", "rd")
-KEEP_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run")
+SCALARS = TENSOR_SCALARS
 _FA_GLOBS = ("sub-*/dwi/*_model-tensor_param-fa_dwimap.nii.gz",
              "sub-*/ses-*/dwi/*_model-tensor_param-fa_dwimap.nii.gz")
 
@@ -26,7 +25,7 @@ class ParticipantMaps:
 
     @property
     def label(self) -> str:
-        return "_".join(f"{k}-{self.entities[k]}" for k in KEEP_ENTITIES if self.entities.get(k))
+        return run_label(self.entities)
 
     @property
     def participant_id(self) -> str:
@@ -73,7 +72,7 @@ def collect_maps(output_dir: Path | str, participants: list[dict] | None = None,
             ents = parse_entities(fa.name)
             if "space" in ents or "sub" not in ents:
                 continue  # not a native-space participant map
-            ents = {k: ents[k] for k in KEEP_ENTITIES if k in ents}
+            ents = {k: ents[k] for k in RUN_ENTITIES if k in ents}
             if not _matches(ents, participants) or (sessions and ents.get("ses") not in sessions):
                 continue
             key = tuple(sorted(ents.items()))
@@ -83,7 +82,7 @@ def collect_maps(output_dir: Path | str, participants: list[dict] | None = None,
             pm = ParticipantMaps(ents)
             base = subject_dir(output_dir, ents)
             for s in SCALARS:
-                p = base / bids_name({**ents, "model": "tensor", "param": s}, "dwimap", ".nii.gz")
+                p = tensor_map_path(base, ents, s)
                 if p.exists():
                     pm.paths[s] = p
             found.append(pm)
