@@ -42,6 +42,8 @@ LONG_TO_SHORT = {
 # the entities that identify one DWI run, and the tensor maps every run gets
 RUN_ENTITIES = tuple(LONG_TO_SHORT.values())
 TENSOR_SCALARS = ("fa", "md", "ad", "rd")
+# tractogram file formats, in order of preference (BEP046 *_tractogram.<ext>)
+TRACTOGRAM_FORMATS = ("trx", "tck", "trk")
 
 
 def bids_name(entities: dict, suffix: str, extension: str) -> str:

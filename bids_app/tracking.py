@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .derivatives import TRACTOGRAM_FORMATS as FORMATS
 from .derivatives import sidecar_path, write_json
 from .errors import InputDataError, UsageError
 
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 METHODS = ("prob", "det", "ptt", "boot", "none")
 STOP_METHODS = ("fa", "gfa", "mask", "act", "cmc")
 SEEDINGS = ("wm", "interface", "brain")
-FORMATS = ("trx", "tck", "trk")
 ALGORITHM_NAMES = {"prob": "probabilistic", "det": "deterministic (closest peak)",
                    "ptt": "parallel transport tractography", "boot": "residual bootstrap"}
 WM_FA_THRESHOLD = 0.25

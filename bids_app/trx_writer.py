@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .derivatives import TRACTOGRAM_FORMATS as FORMATS
 from .derivatives import atomic_write
 from .errors import OutputError
 
-FORMATS = ("trx", "tck", "trk")
 _COPY_BLOCK = 16 << 20
 
 

@@ -224,3 +224,14 @@ def test_tractogram_formats_and_selection(tmp_path):
     assert len(app.find_tractograms(tmp_path, None, "auto")) == 1
     with pytest.raises(NoInputError):
         app.find_tractograms(tmp_path, None, "prob")
+
+
+@pytest.mark.parametrize("fmt", ["trx", "tck", "trk"])
+def test_group_level_finds_tractograms_in_every_format(tmp_path, fmt):
+    """--tractogram-format tck/trk outputs must reach the segmentation step too."""
+    from bids_app.workflows.group import _has_tractograms
+    d = tmp_path / "sub-01" / "dwi"
+    d.mkdir(parents=True)
+    assert not _has_tractograms(tmp_path)
+    (d / f"sub-01_track-prob_tractogram.{fmt}").write_bytes(b"")
+    assert _has_tractograms(tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..derivatives import TRACTOGRAM_FORMATS
 from ..errors import NoInputError
 from .participant import prepare
 
@@ -14,7 +15,8 @@ log = logging.getLogger("tractoscale.group")
 
 
 def _has_tractograms(output_dir: Path) -> bool:
-    return any(Path(output_dir).glob("sub-*/**/dwi/*_tractogram.trx"))
+    """Any participant tractogram, in any format the participant level writes."""
+    return any(any(Path(output_dir).glob(f"sub-*/**/dwi/*_tractogram.{fmt}")) for fmt in TRACTOGRAM_FORMATS)
 
 
 def _summarise_tbss(result):

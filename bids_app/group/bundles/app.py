@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ... import __version__
-from ...derivatives import TENSOR_SCALARS, parse_entities, run_label, sidecar_path, tensor_map_path
+from ...derivatives import TENSOR_SCALARS, TRACTOGRAM_FORMATS, parse_entities, run_label, sidecar_path, tensor_map_path
 from ...errors import InputDataError, NoInputError, NoMatchError, UsageError
 from . import outputs
 from .atlas import DEMO_ATLAS, find_atlas, load_atlas
@@ -25,7 +25,7 @@ from .space import MODES, to_atlas_space
 log = logging.getLogger(__name__)
 
 TRACK_ORDER = ("prob", "ptt", "det", "boot")
-TRACTOGRAM_EXTENSIONS = (".trx", ".tck", ".trk")
+TRACTOGRAM_EXTENSIONS = tuple(f".{f}" for f in TRACTOGRAM_FORMATS)
 SCALARS = TENSOR_SCALARS
 DEFAULT_REACH = 20.0
 DEMO_REACH = 5.0   # the demo phantom is about half the size of a human brain, at 2.5 mm voxels
