@@ -105,9 +105,9 @@ def _setup_logging(verbosity: int):
     logging.getLogger("tractoscale").setLevel(min(level, logging.INFO))
     for noisy in ("numba", "bids", "matplotlib", "distributed", "asyncio", "h5py", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # trx-python logs its temporary folders with logging.info() on the root logger
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_quiet_root_info)
+    # trx-python logs its temporary folders with logging.info() on the root logger; a filter on
+    # the root logger drops them for every handler, the per-run log files included
+    logging.getLogger().addFilter(_quiet_root_info)
 
 
 def _quiet_root_info(record: logging.LogRecord) -> bool:
@@ -172,6 +172,16 @@ def _ensure_numba_cache_dir():
             pass
     elif os.access(Path.home(), os.W_OK):
         return  # numba's default (beside the package or in ~/.cache) is usable
+    # a private folder that stays the same between runs, so kernels compile once per user and node
+    mine = Path(tempfile.gettempdir()) / f"tractoscale-numba-{os.getuid()}"
+    try:
+        mine.mkdir(mode=0o700, exist_ok=True)
+        st = mine.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(mine, os.W_OK | os.X_OK):
+            os.environ["NUMBA_CACHE_DIR"] = str(mine)
+            return
+    except OSError:
+        pass
     os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tractoscale-numba-")
 
 
