@@ -66,8 +66,9 @@ class TrxStreamWriter:
         for key, (dt, nc) in self.dps_spec.items():
             arr = np.asarray(dps[key], dtype=dt).reshape(k, nc) if nc > 1 else \
                 np.asarray(dps[key], dtype=dt).reshape(k)
-            self._dps[key].write(np.ascontiguousarray(arr).astype(dt.newbyteorder("<")).tobytes())
-        self._pos.write(np.ascontiguousarray(positions, dtype=self.pos_dtype.newbyteorder("<")).tobytes())
+            # one conversion to contiguous little-endian, written straight from the array's buffer
+            self._dps[key].write(np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).data)
+        self._pos.write(np.ascontiguousarray(positions, dtype=self.pos_dtype.newbyteorder("<")).data)
         self._len.write(lengths.astype("<u8").tobytes())
         self.n_streamlines += k
         self.n_vertices += len(positions)

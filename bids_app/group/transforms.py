@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..derivatives import ENTITY_ORDER, RUN_ENTITIES, bids_name, save_nifti, sidecar_path
+from ..derivatives import ENTITY_ORDER, RUN_ENTITIES, bids_name, run_label, save_nifti, sidecar_path
 from ..errors import InputDataError, NoInputError
 
 XFM_DIR = ("group", "tbss", "xfm")
@@ -98,8 +98,7 @@ class DisplacementField:
     def save(self, path: Path | str, sidecar: dict | None = None) -> Path:
         img_hdr = nib.Nifti1Header()
         img_hdr.set_intent("vector", (), name="displacement_mm")
-        return save_nifti(self.data.astype(np.float32), self.affine, path, header=_with_codes(img_hdr),
-                          sidecar=sidecar)
+        return save_nifti(self.data, self.affine, path, header=img_hdr, sidecar=sidecar)
 
     @classmethod
     def load(cls, path: Path | str) -> "DisplacementField":
@@ -113,12 +112,6 @@ class DisplacementField:
         if data.ndim != 4 or data.shape[3] != 3:
             raise InputDataError(f"{path} is not a displacement field (shape {data.shape})")
         return cls(data, img.affine.astype(float))
-
-
-def _with_codes(hdr: nib.Nifti1Header) -> nib.Nifti1Header:
-    hdr["qform_code"] = 1
-    hdr["sform_code"] = 1
-    return hdr
 
 
 def grid_points(shape, affine) -> np.ndarray:
@@ -226,7 +219,7 @@ def transform_paths(output_dir: Path | str, entities: dict, space: str) -> tuple
 
 def available_spaces(output_dir: Path | str, entities: dict) -> list[str]:
     """Common spaces with a saved transform for these entities."""
-    prefix = xfm_name(entities, "native", "X").split("from-native_to-")[0] + "from-native_to-"
+    prefix = run_label(entities) + "_from-native_to-"
     return sorted(p.name[len(prefix):].split("_")[0]
                   for p in xfm_dir(output_dir).glob(prefix + "*_mode-image_xfm.nii.gz"))
 
@@ -243,7 +236,7 @@ def load_transform(output_dir: Path | str, entities: dict, space: str | None = N
     if space is None:
         spaces = available_spaces(output_dir, ents)
         if not spaces:
-            raise NoInputError(f"no group-level transform for {xfm_name(ents, 'native', 'X').split('_from-')[0]} in "
+            raise NoInputError(f"no group-level transform for {run_label(ents)} in "
                                f"{xfm_dir(output_dir)}: run the TBSS group step first")
         if len(spaces) > 1:
             raise InputDataError(f"several common spaces saved ({', '.join(spaces)}): pass space=")

@@ -251,11 +251,10 @@ def process_run(inp: DwiInput, args, work: Path) -> str:
         if opts.enabled:
             bar.set_postfix_str(f"tracking ({opts.method})")
             if todo["tracking"]:
-                tissue = (_tissue_maps(inp, dwi, out, mask)
+                tissue = (_tissue_maps(inp, dwi, out, mask, fa)
                           if opts.stop_method in ("act", "cmc") or opts.seeding == "interface" else None)
-                sel = np.ones(dwi.bvals.shape, bool)
                 stats = trk.track_subject(
-                    opts, dwi=dwi.data, gtab=dwi.gtab(sel), affine=dwi.affine, mask=mask, fa=fa, sh=sh,
+                    opts, dwi=dwi.data, gtab=dwi.gtab(), affine=dwi.affine, mask=mask, fa=fa, sh=sh,
                     sh_order=sh_order, odf_model=args.odf_model, gfa=gfa, tissue=tissue,
                     out_path=out.tractogram, sidecar_extra=_sidecar(source, trk_params), device=args.device)
                 log.info("%s: %d streamlines from %d seeds in %.1f s on %s", inp.label,
@@ -268,13 +267,13 @@ def process_run(inp: DwiInput, args, work: Path) -> str:
     return "done"
 
 
-def _tissue_maps(inp: DwiInput, dwi, out: Outputs, mask):
+def _tissue_maps(inp: DwiInput, dwi, out: Outputs, mask, fa):
     """WM/GM/CSF probability maps on the DWI grid (for ACT/CMC): shipped ones, else from DTI."""
     from ..tissue import dti_tissue_maps, find_tissue_maps
     maps = find_tissue_maps(inp.dwi, dwi.data.shape, dwi.affine)
     if maps is not None:
         return maps
-    return dti_tissue_maps(_load(out.tensor("fa")), _load(out.tensor("md")), mask)
+    return dti_tissue_maps(fa, _load(out.tensor("md")), mask)   # fa: the float32 map just written or read
 
 
 # --------------------------------------------------------------------------- level
