@@ -22,6 +22,8 @@ SH_BASIS_BIDS = "MRtrix3"
 # MRtrix3 order of the 6 unique tensor elements; dipy's lower_triangular is xx, xy, yy, xz, yz, zz
 TENSOR_ORDER = ("Dxx", "Dyy", "Dzz", "Dxy", "Dxz", "Dyz")
 _DIPY_TO_MRTRIX = (0, 2, 5, 1, 3, 4)
+# Laplace-Beltrami regularisation of the CSA/OPDT fits (dipy's default; the bootstrap uses it too)
+ODF_SMOOTH = 0.006
 
 
 def shells(bvals: np.ndarray, tol: float = 100.0) -> list[float]:
@@ -134,11 +136,11 @@ def fit_odf(dwi: DwiData, mask: np.ndarray, model: str, requested_order: int | N
     with np.errstate(all="ignore"):
         if model in ("csa", "opdt"):
             cls = CsaOdfModel if model == "csa" else OpdtModel
-            m = cls(gtab, sh_order_max=order, smooth=0.006)
+            m = cls(gtab, sh_order_max=order, smooth=ODF_SMOOTH)
             fit = m.fit(data, mask=mask)
             coef = fit.shm_coeff
             gfa = np.clip(np.nan_to_num(fit.gfa), 0, 1).astype(np.float32)
-            params.update({"Regularization": 0.006})
+            params.update({"Regularization": ODF_SMOOTH})
         elif model == "csd":
             coef, params_csd = _fit_csd(gtab, data, mask, order, fa, nthreads)
             params.update(params_csd)

@@ -6,9 +6,6 @@ from ._factory import compile_for
 
 _fns = compile_for("cpu", _core.DEVICE_FUNCTIONS, _core.CPU_PARALLEL_FUNCTIONS)
 
-track_seed = _fns["track_seed"]
 track_chunk = _fns["track_chunk_cpu"]
 place_seeds = _fns["place_seeds"]
 gather_points = _fns["gather_points"]
-uniform = _fns["uniform"]
-stream_key = _fns["stream_key"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,10 +77,6 @@ class TrackingData:
     bootm: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), np.float64), repr=False)
 
     @property
-    def voxel_sizes(self) -> np.ndarray:
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-
-    @property
     def bytes_per_seed(self) -> int:
         return int(self.params.max_cross * self.params.max_points * 12 + 64)
 
@@ -128,10 +123,6 @@ def pack_params(p: TrackParams, voxel_sizes, nverts: int, ncoef: int, maxdeg: in
     return fp, ip
 
 
-B0_THRESHOLD = 50.0
-BOOT_SMOOTH = 0.006
-
-
 def bootstrap_arrays(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, sh_order: int,
                      model: str, mask: np.ndarray | None = None):
     """``bdata`` and ``bootm`` for the residual bootstrap (CSA or OPDT, one shell).
@@ -143,22 +134,22 @@ def bootstrap_arrays(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, sh_o
     from dipy.reconst.shm import real_sh_tournier, smooth_pinv
     from scipy.special import eval_legendre
 
+    from bids_app.models import B0_THRESHOLD, ODF_SMOOTH, shell_selection, shells
+
     if model not in ("csa", "opdt"):
         raise ValueError("the residual bootstrap supports the CSA and OPDT models")
     bvals = np.asarray(bvals, dtype=np.float64)
     b0 = bvals <= B0_THRESHOLD
     if not b0.any():
         raise ValueError("the bootstrap needs at least one b=0 volume")
-    dw = bvals[~b0]
-    shell = np.min(dw)
-    sel = (~b0) & (np.abs(bvals - shell) <= 100.0)
+    sel = shell_selection(bvals, shells(bvals)[:1]) & ~b0     # the lowest shell, as the ODF fit uses
     nd = int(sel.sum())
     g = np.asarray(bvecs, dtype=np.float64)[sel]
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     _, theta, phi = cart2sphere(g[:, 0], g[:, 1], g[:, 2])
     bm, _m, lv = real_sh_tournier(sh_order, theta[:, None], phi[:, None], legacy=False)
     lap = -lv * (lv + 1.0)
-    inv_b = smooth_pinv(bm, np.sqrt(BOOT_SMOOTH) * lap)         # (K, nd)
+    inv_b = smooth_pinv(bm, np.sqrt(ODF_SMOOTH) * lap)         # (K, nd)
     hat = bm @ inv_b                                              # (nd, nd)
     lev = np.clip(np.diag(hat), 0.0, 0.99)
     lcr = (np.eye(nd) - hat) / np.sqrt(1.0 - lev)[:, None]
@@ -396,6 +387,3 @@ def track_all(tracker: Tracker, seeder, chunk_size: int | None = None):
     idx = np.concatenate(seed_index) if seed_index else np.zeros(0, dtype=np.int64)
     return streamlines, idx
 
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

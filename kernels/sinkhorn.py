@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 import threading
-import types
 
 import numba
 import numpy as np
+
+from ._factory import _rebind
+from .device import cudasim_enabled as _simulator_enabled
+from .device import real_gpu_available as cuda_available
 
 __all__ = ["get_backend", "available_backends", "cuda_available", "CpuBackend", "CudaBackend"]
 
@@ -146,14 +149,6 @@ def compile_device_functions(device_jit, namespace: dict | None = None,
         jit = (overrides or {}).get(fn.__name__, device_jit)
         ns[fn.__name__] = jit(_rebind(fn, ns))
     return ns
-
-
-def _rebind(fn, ns):
-    clone = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__)
-    clone.__qualname__ = fn.__qualname__
-    clone.__module__ = fn.__module__
-    clone.__doc__ = fn.__doc__
-    return clone
 
 
 # --------------------------------------------------------------------------- CPU kernels (sources)
@@ -322,28 +317,6 @@ def _kernels(target: str):
         if target not in _KERNELS:
             _KERNELS[target] = _build_cpu() if target == "cpu" else _build_cuda()
         return _KERNELS[target]
-
-
-def cuda_available() -> bool:
-    """True when a real GPU can run the CUDA kernels (the simulator does not count)."""
-    try:
-        from numba import cuda
-    except Exception:  # pragma: no cover - numba-cuda missing
-        return False
-    if _simulator_enabled():
-        return False
-    try:
-        return bool(cuda.is_available())
-    except Exception:  # pragma: no cover
-        return False
-
-
-def _simulator_enabled() -> bool:
-    try:
-        return bool(numba.config.ENABLE_CUDASIM)
-    except AttributeError:  # pragma: no cover
-        import os
-        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 
 def available_backends() -> list[str]:
