@@ -55,6 +55,8 @@ def main(argv=None) -> dict:
     from bids_app.group.tbss.register import registration_task, settings
     from bids_app.group.tbss.synthetic import demo_cohort
     from bids_app.group.tbss.target import select_auto
+    from bids_app.group.transforms import transform_paths
+    from bids_app.stages import Stage
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_tbss_"))
     n = a.n_subjects
@@ -76,19 +78,21 @@ def main(argv=None) -> dict:
         # warm the workers (imports, numba caches) so that neither side pays for it
         list(run_tasks(ex, _noop, [((), {})] * a.nthreads, desc="warm-up", disable_progress=True))
         t0 = time.perf_counter()
-        coarse = select_auto(found, ex, out_dir=work / "sel", quick=a.quick, progress=True)
+        coarse = select_auto(found, ex, out_dir=work / "sel", quick=a.quick, disable_progress=True)
         t_coarse_sel = time.perf_counter() - t0
         t0 = time.perf_counter()
         st = settings("full", a.quick)
         calls = [(({"path": str(pm.paths["fa"]), "kind": "fa"}, {"path": str(found[coarse.index].paths["fa"]),
                                                                  "kind": "fa"}, st.as_dict()),
                   {"output_dir": str(work / "out"), "entities": pm.entities, "space": "bench", "chain": None,
-                   "meta": {}}) for i, pm in enumerate(found) if i != coarse.index]
+                   "meta": {}, "stage": Stage(f"{pm.label}_to-bench",
+                                              outputs=transform_paths(work / "out", pm.entities, "bench"))})
+                 for i, pm in enumerate(found) if i != coarse.index]
         reg_cpu = [r["CPUSeconds"] for _, r in run_tasks(ex, registration_task, calls, desc="to target",
                                                           disable_progress=True)]
         t_fine = time.perf_counter() - t0
         t0 = time.perf_counter()
-        full = select_auto(found, ex, out_dir=work / "sel", quick=a.quick, full=True, progress=True)
+        full = select_auto(found, ex, out_dir=work / "sel", quick=a.quick, full=True, disable_progress=True)
         t_full_sel = time.perf_counter() - t0
 
     c_pair, factor = pair_cpu("coarse")

@@ -19,6 +19,7 @@ import numpy as np
 from filelock import FileLock
 
 from . import __version__
+from .config import TRACTOGRAM_FORMATS  # noqa: F401  (re-exported: file names of tractograms)
 from .errors import OutputError
 
 PIPELINE_NAME = "tractoscale"
@@ -42,8 +43,6 @@ LONG_TO_SHORT = {
 # the entities that identify one DWI run, and the tensor maps every run gets
 RUN_ENTITIES = tuple(LONG_TO_SHORT.values())
 TENSOR_SCALARS = ("fa", "md", "ad", "rd")
-# tractogram file formats, in order of preference (BEP046 *_tractogram.<ext>)
-TRACTOGRAM_FORMATS = ("trx", "tck", "trk")
 
 
 def bids_name(entities: dict, suffix: str, extension: str) -> str:

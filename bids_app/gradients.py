@@ -1,20 +1,16 @@
 """Gradient-direction conventions: FSL/BIDS ``.bvec`` <-> the image's voxel-axis frame <-> world.
 
-Frames used across tractoscale:
-
-* **scaled-voxel-axis frame** ("voxel frame"): the orthonormal frame whose axes are the image's
-  voxel axes i, j, k, i.e. the columns of ``affine[:3, :3]`` normalised (made exactly orthonormal by
-  a polar decomposition when the affine has shear).  Model fits (DTI, SH) run in this frame.
-* **FSL convention** (what BIDS ``.bvec`` files hold): the voxel frame with the x component negated
-  when ``det(affine[:3, :3]) > 0`` (FSL works in a "radiological" voxel frame; MRtrix3 does
-  the same).
-* **world frame**: scanner RAS+ (the frame of ``affine``'s output, in mm).
+The frames (voxel, world, FSL) are defined in :mod:`kernels.frames`; model fits (DTI, SH) run in the
+scaled-voxel-axis frame, and BIDS ``.bvec`` files hold the FSL convention (the voxel frame with x
+negated when ``det(affine[:3, :3]) > 0``; MRtrix3 does the same).
 
 All functions take and return ``(N, 3)`` arrays (one row per volume); b0 rows (all zeros) stay zero.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from kernels.frames import fsl_flips_x, voxel_frame
 
 __all__ = [
     "voxel_frame", "fsl_flips_x", "voxel_to_fsl_bvecs", "fsl_to_voxel_bvecs",
@@ -27,28 +23,6 @@ def _as_rows(vecs) -> np.ndarray:
     if v.ndim != 2 or v.shape[1] != 3:
         raise ValueError(f"expected an (N, 3) array of directions, got shape {v.shape}")
     return v
-
-
-def voxel_frame(affine) -> np.ndarray:
-    """3x3 matrix whose columns are the unit voxel axes in world coordinates.
-
-    For an affine without shear this is ``affine[:3, :3]`` with unit columns.  With shear the
-    closest orthogonal matrix (polar decomposition) is returned, so the frame is always orthonormal.
-    """
-    m = np.asarray(affine, dtype=np.float64)[:3, :3]
-    norms = np.linalg.norm(m, axis=0)
-    if np.any(norms == 0):
-        raise ValueError("affine has a zero-length voxel axis")
-    r = m / norms
-    if not np.allclose(r.T @ r, np.eye(3), atol=1e-6):
-        u, _, vt = np.linalg.svd(m)
-        r = u @ vt
-    return r
-
-
-def fsl_flips_x(affine) -> bool:
-    """True when the FSL convention negates the x component (``det(affine[:3,:3]) > 0``)."""
-    return bool(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]) > 0)
 
 
 def voxel_to_fsl_bvecs(bvecs_voxel, affine) -> np.ndarray:

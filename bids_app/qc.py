@@ -71,8 +71,7 @@ def write_participant_qc(out, label: str) -> Path | None:
                 ax.set_ylabel(title)
     fig.suptitle(f"{label}: tractoscale QC")
     fig.tight_layout()
-    figdir = Path(out.dir).parent / "figures"
-    path = figdir / f"{label}_desc-qc_dwimap.png"
+    path = out.qc_figure
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)

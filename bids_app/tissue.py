@@ -38,18 +38,28 @@ def dti_tissue_maps(fa: np.ndarray, md: np.ndarray, mask: np.ndarray) -> dict[st
     return out
 
 
-def find_tissue_maps(dwi_path: Path, shape, affine) -> dict[str, np.ndarray] | None:
-    """``label-{WM,GM,CSF}_probseg`` beside a (preprocessed) DWI, on its grid."""
+def tissue_map_files(dwi_path: Path) -> dict[str, Path] | None:
+    """``label-{WM,GM,CSF}_probseg`` files beside a (preprocessed) DWI, or None if one is missing."""
     name = Path(dwi_path).name
     stem = name.split("_desc-")[0] if "_desc-" in name else name.rsplit("_dwi", 1)[0]
-    maps = {}
+    files = {}
     for label in ("WM", "GM", "CSF"):
         cands = sorted(Path(dwi_path).parent.glob(f"{stem}*_label-{label}_probseg.nii*"))
         if not cands:
             return None
-        img = nib.load(str(cands[0]))
+        files[label] = cands[0]
+    return files
+
+
+def load_tissue_maps(files: dict[str, Path] | None, shape, affine) -> dict[str, np.ndarray] | None:
+    """The maps of :func:`tissue_map_files` when they are on the DWI grid, else None."""
+    if not files:
+        return None
+    maps = {}
+    for label, path in files.items():
+        img = nib.load(str(path))
         if tuple(img.shape[:3]) != tuple(shape[:3]) or not np.allclose(img.affine, affine, atol=1e-3):
-            log.info("%s is not on the DWI grid; using DTI-based tissue maps", cands[0].name)
+            log.info("%s is not on the DWI grid; using DTI-based tissue maps", path.name)
             return None
         maps[label] = np.asarray(img.dataobj, dtype=np.float32)
     return maps

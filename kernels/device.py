@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from bids_app.errors import UsageError
+from .errors import DeviceError, ParameterError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,10 +36,10 @@ def cuda_usable() -> bool:
 
 
 def select_device(requested: str = "auto") -> str:
-    """Resolve ``auto|cpu|cuda`` to ``cpu`` or ``cuda``; ``cuda`` without a GPU is a UsageError."""
+    """Resolve ``auto|cpu|cuda`` to ``cpu`` or ``cuda``; ``cuda`` without a GPU is a :class:`DeviceError`."""
     requested = (requested or "auto").lower()
     if requested not in DEVICES:
-        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+        raise ParameterError("device", f"must be one of {', '.join(DEVICES)}, not {requested!r}")
     if requested == "cpu":
         return "cpu"
     if requested == "auto":
@@ -47,5 +47,5 @@ def select_device(requested: str = "auto") -> str:
     if not cuda_usable():
         why = ("only the CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)" if cudasim_enabled()
                else "no CUDA GPU or driver was found (is the container run with --nv / --gpus?)")
-        raise UsageError(f"--device cuda requested but {why}; use --device cpu or auto")
+        raise DeviceError(f"CUDA was requested but {why}; use the CPU (or auto)")
     return "cuda"

@@ -12,69 +12,65 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import tracking_core as core
+from .errors import ParameterError
+from .params import TrackParams
 from .sphere import hemisphere, neighbour_and_cone_table, sh_order_from_ncoef, sh_to_sf_matrix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrackParams", "TrackingData", "prepare", "MaskSeeder", "PointSeeder", "Tracker", "Chunk",
-           "iter_chunks", "track_all", "choose_odf_mode", "available_memory"]
+__all__ = ["TrackParams", "TrackingData", "BootstrapData", "prepare", "bootstrap_arrays", "MaskSeeder",
+           "PointSeeder", "Tracker", "Chunk", "iter_chunks", "track_all", "choose_odf_mode",
+           "available_memory"]
 
-ALGORITHMS = {"prob": core.ALGO_PROB, "det": core.ALGO_DET, "ptt": core.ALGO_PTT,
-              "boot": core.ALGO_BOOT}
-STOP_METHODS = {"threshold": core.STOP_THRESHOLD, "act": core.STOP_ACT, "cmc": core.STOP_CMC}
+# parameter names -> the kernels' codes
+ALGORITHM_CODES = {"prob": core.ALGO_PROB, "det": core.ALGO_DET, "ptt": core.ALGO_PTT,
+                   "boot": core.ALGO_BOOT}
+STOP_CODES = {"threshold": core.STOP_THRESHOLD, "act": core.STOP_ACT, "cmc": core.STOP_CMC}
 
 
-@dataclass
-class TrackParams:
-    """Tracking settings; lengths in mm, angles in degrees."""
+@dataclass(frozen=True)
+class BootstrapData:
+    """Inputs of the residual bootstrap: one shell's signal, its b=0 and its matrices."""
 
-    algorithm: str = "prob"
-    step_size: float = 0.5
-    max_angle: float = 30.0
-    pmf_threshold: float = 0.1
-    stop_method: str = "threshold"
-    stop_threshold: float = 0.1
-    rel_peak_threshold: float = 0.25
-    min_separation_angle: float = 45.0
-    min_length: float = 10.0
-    max_length: float = 250.0
-    max_cross: int = 1
-    rng_seed: int = 0
-    ptt_probe_length: float | None = None   # default: the smallest voxel size
-    ptt_probe_points: int = 4
-    ptt_max_tries: int = 50
-    boot_max_tries: int = 5
-
-    @property
-    def max_points(self) -> int:
-        return int(math.floor(self.max_length / self.step_size + 1e-9)) + 1
-
-    @property
-    def min_points(self) -> int:
-        return max(2, int(math.ceil(self.min_length / self.step_size - 1e-9)) + 1)
+    bdata: np.ndarray        # (X, Y, Z, nd + 1) float32: the nd volumes of the shell, then the mean b=0
+    bootm: np.ndarray        # (2 nd + 2 K, nd) float64, see kernels.tracking_core
+    n_volumes: int
+    model: str               # "csa" or "opdt"
 
 
 @dataclass
 class TrackingData:
-    """Everything a kernel reads, as contiguous arrays."""
+    """Everything a kernel reads, as contiguous arrays, and the settings they were made with."""
 
     odf: np.ndarray          # (X, Y, Z, V) float32 sampled ODF, or (X, Y, Z, K) SH coefficients
     odf_mode: str            # "sf" or "sh"
-    bmat: np.ndarray         # (V, K) float32 SH -> sphere matrix ((1, 1) in sf mode)
+    bmat: np.ndarray         # (V, K) float32 SH -> sphere matrix
     verts: np.ndarray        # (V, 3) float64 hemisphere, scaled-voxel-axis frame
     nbrs: np.ndarray         # (V, D + C) int32 neighbours then cone candidates
     stop: np.ndarray         # (X, Y, Z, C) float32: threshold map or include/exclude, then ODF max
     affine: np.ndarray       # (4, 4) float64 voxel -> world
-    fp: np.ndarray
-    ip: np.ndarray
-    params: TrackParams = field(repr=False)
-    bdata: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1, 1), np.float32), repr=False)
-    bootm: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), np.float64), repr=False)
+    fp: np.ndarray           # float parameters, slots named F_* in kernels.tracking_core
+    ip: np.ndarray           # int parameters, slots named I_*
+    params: TrackParams = field(repr=False)   # with defaults resolved (e.g. ptt_probe_length)
+    sh_order: int = 0
+    bootstrap: BootstrapData | None = field(default=None, repr=False)
+
+    @property
+    def n_directions(self) -> int:
+        return int(self.verts.shape[0])
+
+    @property
+    def bdata(self) -> np.ndarray:
+        return self.bootstrap.bdata if self.bootstrap else np.zeros((1, 1, 1, 1), np.float32)
+
+    @property
+    def bootm(self) -> np.ndarray:
+        return self.bootstrap.bootm if self.bootstrap else np.zeros((1, 1), np.float64)
 
     @property
     def bytes_per_seed(self) -> int:
@@ -93,63 +89,66 @@ def available_memory() -> int:
     return 4 << 30
 
 
-def pack_params(p: TrackParams, voxel_sizes, nverts: int, ncoef: int, maxdeg: int,
-                odf_mode: str) -> tuple[np.ndarray, np.ndarray]:
+def pack_params(p: TrackParams, *, voxel_sizes, n_verts: int, n_odf_coef: int, n_sh_coef: int,
+                nbr_degree: int, odf_mode: str, max_channel: int,
+                bootstrap: BootstrapData | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' ``fp``/``ip`` vectors, filled slot by named slot."""
     vs = np.asarray(voxel_sizes, dtype=np.float64)
-    fp = np.zeros(16, dtype=np.float64)
-    fp[0] = p.step_size
-    fp[1] = math.cos(math.radians(p.max_angle))
-    fp[2] = p.pmf_threshold
-    fp[3] = p.stop_threshold
-    fp[4] = p.rel_peak_threshold
-    fp[5] = math.cos(math.radians(p.min_separation_angle))
-    fp[6:9] = vs
-    fp[9] = p.step_size / float(vs.mean())
-    fp[10] = p.ptt_probe_length if p.ptt_probe_length else float(vs.min())
-    fp[11] = math.radians(p.max_angle) / p.step_size
-    ip = np.zeros(16, dtype=np.int64)
-    ip[0] = ALGORITHMS[p.algorithm]
-    ip[1] = 0 if odf_mode == "sf" else 1
-    ip[2] = STOP_METHODS[p.stop_method]
-    ip[3] = p.max_points
-    ip[4] = p.max_cross
-    ip[5] = nverts
-    ip[6] = ncoef
-    ip[7] = maxdeg
-    ip[8] = int(p.rng_seed)
-    ip[9] = p.ptt_probe_points
-    ip[10] = p.ptt_max_tries
-    ip[12] = p.boot_max_tries
+    fp = np.zeros(core.N_FLOAT_PARAMS, dtype=np.float64)
+    fp[core.F_STEP_SIZE] = p.step_size
+    fp[core.F_COS_MAX_ANGLE] = math.cos(math.radians(p.max_angle))
+    fp[core.F_PMF_THRESHOLD] = p.pmf_threshold
+    fp[core.F_STOP_THRESHOLD] = p.stop_threshold
+    fp[core.F_REL_PEAK_THRESHOLD] = p.rel_peak_threshold
+    fp[core.F_COS_MIN_SEPARATION] = math.cos(math.radians(p.min_separation_angle))
+    fp[core.F_VOXEL_X], fp[core.F_VOXEL_Y], fp[core.F_VOXEL_Z] = vs
+    fp[core.F_CMC_SCALE] = p.step_size / float(vs.mean())
+    fp[core.F_PTT_PROBE_LENGTH] = p.ptt_probe_length
+    fp[core.F_PTT_MAX_CURVATURE] = math.radians(p.max_angle) / p.step_size
+    ip = np.zeros(core.N_INT_PARAMS, dtype=np.int64)
+    ip[core.I_ALGORITHM] = ALGORITHM_CODES[p.algorithm]
+    ip[core.I_ODF_MODE] = core.ODF_SF if odf_mode == "sf" else core.ODF_SH
+    ip[core.I_STOP_METHOD] = STOP_CODES[p.stop_method]
+    ip[core.I_MAX_POINTS] = p.max_points
+    ip[core.I_MAX_CROSS] = p.max_cross
+    ip[core.I_N_VERTS] = n_verts
+    ip[core.I_N_ODF_COEF] = n_odf_coef
+    ip[core.I_NBR_DEGREE] = nbr_degree
+    ip[core.I_RNG_SEED] = int(p.rng_seed)
+    ip[core.I_PTT_PROBE_POINTS] = p.ptt_probe_points
+    ip[core.I_PTT_MAX_TRIES] = p.ptt_max_tries
+    ip[core.I_BOOT_MAX_TRIES] = p.boot_max_tries
+    ip[core.I_N_SH_COEF] = n_sh_coef
+    ip[core.I_MAX_CHANNEL] = max_channel
+    if bootstrap is not None:
+        ip[core.I_BOOT_N_DWI] = bootstrap.n_volumes
+        ip[core.I_BOOT_MODEL] = core.BOOT_CSA if bootstrap.model == "csa" else core.BOOT_OPDT
     return fp, ip
 
 
-def bootstrap_arrays(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, sh_order: int,
-                     model: str, mask: np.ndarray | None = None):
-    """``bdata`` and ``bootm`` for the residual bootstrap (CSA or OPDT, one shell).
+def bootstrap_arrays(signal: np.ndarray, s0: np.ndarray, bvecs: np.ndarray, sh_order: int, model: str,
+                     *, smooth: float, mask: np.ndarray | None = None) -> BootstrapData:
+    """Residual-bootstrap inputs for the CSA or OPDT model on one shell.
 
-    ``bvecs`` are in the scaled-voxel-axis frame.  The lowest non-zero shell is used, as in the
-    ODF fit.  Returns (bdata float32 (X, Y, Z, nd + 1), bootm float64 (2 nd + 2 K, nd), nd).
+    ``signal`` (X, Y, Z, nd): the shell's diffusion-weighted volumes; ``s0`` (X, Y, Z): the mean
+    b=0; ``bvecs`` (nd, 3) unit vectors in the scaled-voxel-axis frame; ``smooth``: the
+    Laplace-Beltrami regularisation of the ODF fit being bootstrapped.
     """
     from dipy.core.geometry import cart2sphere
     from dipy.reconst.shm import real_sh_tournier, smooth_pinv
     from scipy.special import eval_legendre
 
-    from bids_app.models import B0_THRESHOLD, ODF_SMOOTH, shell_selection, shells
-
     if model not in ("csa", "opdt"):
-        raise ValueError("the residual bootstrap supports the CSA and OPDT models")
-    bvals = np.asarray(bvals, dtype=np.float64)
-    b0 = bvals <= B0_THRESHOLD
-    if not b0.any():
-        raise ValueError("the bootstrap needs at least one b=0 volume")
-    sel = shell_selection(bvals, shells(bvals)[:1]) & ~b0     # the lowest shell, as the ODF fit uses
-    nd = int(sel.sum())
-    g = np.asarray(bvecs, dtype=np.float64)[sel]
+        raise ParameterError("model", "of the residual bootstrap must be csa or opdt")
+    g = np.asarray(bvecs, dtype=np.float64)
+    nd = g.shape[0]
+    if signal.shape[3] != nd:
+        raise ValueError(f"{signal.shape[3]} volumes but {nd} b-vectors")
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     _, theta, phi = cart2sphere(g[:, 0], g[:, 1], g[:, 2])
     bm, _m, lv = real_sh_tournier(sh_order, theta[:, None], phi[:, None], legacy=False)
     lap = -lv * (lv + 1.0)
-    inv_b = smooth_pinv(bm, np.sqrt(ODF_SMOOTH) * lap)         # (K, nd)
+    inv_b = smooth_pinv(bm, np.sqrt(smooth) * lap)              # (K, nd)
     hat = bm @ inv_b                                              # (nd, nd)
     lev = np.clip(np.diag(hat), 0.0, 0.99)
     lcr = (np.eye(nd) - hat) / np.sqrt(1.0 - lev)[:, None]
@@ -161,13 +160,12 @@ def bootstrap_arrays(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, sh_o
         m1 = (leg0 * lap)[:, None] * inv_b                        # delta_b
         m2 = 4 * leg0[:, None] * inv_b                            # delta_q
     bootm = np.ascontiguousarray(np.vstack([hat, lcr, m1, m2]), dtype=np.float64)
-    data = np.asarray(dwi, dtype=np.float32)
-    bdata = np.empty(data.shape[:3] + (nd + 1,), dtype=np.float32)
-    bdata[..., :nd] = np.clip(data[..., sel], 1e-5, None)
-    bdata[..., nd] = np.clip(data[..., b0].mean(axis=-1), 0, None)
+    bdata = np.empty(signal.shape[:3] + (nd + 1,), dtype=np.float32)
+    bdata[..., :nd] = np.clip(signal, 1e-5, None)
+    bdata[..., nd] = np.clip(s0, 0, None)
     if mask is not None:
         bdata[~np.asarray(mask, dtype=bool)] = 0
-    return bdata, bootm, nd
+    return BootstrapData(bdata=bdata, bootm=bootm, n_volumes=nd, model=model)
 
 
 def sf_bytes(shape3, nverts: int) -> int:
@@ -187,12 +185,13 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
             stop_map: np.ndarray | None = None, include_map: np.ndarray | None = None,
             exclude_map: np.ndarray | None = None, mask: np.ndarray | None = None,
             odf_mode: str = "auto", sphere: str = "repulsion724",
-            memory_budget: int | None = None, dwi=None, gtab=None,
-            odf_model: str | None = None) -> TrackingData:
+            memory_budget: int | None = None, bootstrap: BootstrapData | None = None) -> TrackingData:
     """Arrays for the kernels from SH coefficients (tournier07, legacy=False, voxel frame).
 
     Threshold stopping uses ``stop_map`` (> ``params.stop_threshold`` keeps tracking; pass a 0/1
     mask with threshold 0.5 for mask stopping).  ACT/CMC use ``include_map`` / ``exclude_map``.
+    ``memory_budget`` (bytes) decides whether the ODF is pre-sampled on the sphere (``odf_mode``
+    auto).  The residual bootstrap (``params.algorithm == "boot"``) needs ``bootstrap``.
     """
     sh = np.asarray(sh)
     if sh.ndim != 4:
@@ -213,13 +212,10 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
         odfmax[:, :, z] = np.clip(sl.max(axis=-1), 0, None)
         if odf is not None:
             odf[:, :, z, :] = sl
-    if mode == "sf":
-        ncoef_k = 0
-    else:
+    if mode == "sh":
         odf = np.ascontiguousarray(sh, dtype=np.float32)
         if keep is not None:
             odf = odf * keep[..., None]
-        ncoef_k = ncoef
     if params.stop_method == "threshold":
         if stop_map is None:
             raise ValueError("threshold stopping needs stop_map")
@@ -231,23 +227,21 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
     if stop.shape[:3] != sh.shape[:3]:
         raise ValueError(f"stopping map shape {stop.shape[:3]} != ODF shape {sh.shape[:3]}")
     stop = np.concatenate([stop, odfmax[..., None]], axis=-1)
+    if params.algorithm == "boot" and bootstrap is None:
+        raise ValueError("the residual bootstrap needs bootstrap data (see bootstrap_arrays)")
     table = neighbour_and_cone_table(sphere, params.max_angle)
     vs = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    fp, ip = pack_params(params, vs, len(verts), ncoef_k, nbrs.shape[1], mode)
-    ip[13] = ncoef
-    ip[15] = stop.shape[3] - 1
-    extra = {}
-    if params.algorithm == "boot":
-        if dwi is None or gtab is None or odf_model is None:
-            raise ValueError("the bootstrap needs dwi, gtab and odf_model")
-        bdata, bootm, nd = bootstrap_arrays(dwi, gtab.bvals, gtab.bvecs, order, odf_model, keep)
-        ip[11] = nd
-        ip[14] = 0 if odf_model == "csa" else 1
-        extra = dict(bdata=bdata, bootm=bootm)
+    if params.ptt_probe_length is None:
+        params = replace(params, ptt_probe_length=float(vs.min()))
+    fp, ip = pack_params(params, voxel_sizes=vs, n_verts=len(verts), n_odf_coef=ncoef if mode == "sh" else 0,
+                         n_sh_coef=ncoef, nbr_degree=nbrs.shape[1], odf_mode=mode,
+                         max_channel=stop.shape[3] - 1,
+                         bootstrap=bootstrap if params.algorithm == "boot" else None)
     return TrackingData(odf=np.ascontiguousarray(odf), odf_mode=mode,
                         bmat=np.ascontiguousarray(bmat), verts=verts, nbrs=table,
                         stop=np.ascontiguousarray(stop), affine=affine, fp=fp, ip=ip,
-                        params=params, **extra)
+                        params=params, sh_order=order,
+                        bootstrap=bootstrap if params.algorithm == "boot" else None)
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -306,19 +300,22 @@ class Tracker:
         self.device = device
         if device == "cuda":
             from . import cuda_tracker
-            cuda_tracker.check_limits(int(data.ip[5]), int(data.ip[13]), int(data.ip[4]),
-                                      int(data.ip[11]))
+            cuda_tracker.check_limits(data.n_directions, int(data.ip[core.I_N_SH_COEF]),
+                                      data.params.max_cross, int(data.ip[core.I_BOOT_N_DWI]))
             self._cuda = cuda_tracker
             self._dev_arrays = cuda_tracker.upload(data)
         elif device != "cpu":
             raise ValueError(f"unknown device {device!r}")
 
-    def auto_chunk_size(self) -> int:
+    def auto_chunk_size(self, memory_budget: int | None = None) -> int:
+        """Seeds per chunk: from the GPU's free memory, or a quarter of ``memory_budget`` (bytes;
+        default: the RAM available now) on the CPU."""
         per = self.data.bytes_per_seed
         if self.device == "cuda":
             free = self._cuda.free_memory()
             return int(np.clip(free * 0.4 // per, 1024, 4_000_000))
-        return int(np.clip(min(available_memory() // 4, 2 << 30) // per, 256, 200_000))
+        budget = available_memory() if memory_budget is None else int(memory_budget)
+        return int(np.clip(min(budget // 4, 2 << 30) // per, 256, 200_000))
 
     def run(self, seeds_vox: np.ndarray, first_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Track one chunk: returns (positions, lengths, slots) of the kept streamlines."""
@@ -328,9 +325,9 @@ class Tracker:
         min_pts = d.params.min_points
         if self.device == "cuda":
             return self._cuda.run_chunk(self._dev_arrays, seeds_vox, first_index, n_slots,
-                                        int(d.ip[3]), min_pts)
+                                        d.params.max_points, min_pts)
         from . import cpu_tracker as cpu
-        out = np.empty((n_slots, int(d.ip[3]), 3), dtype=np.float32)
+        out = np.empty((n_slots, d.params.max_points, 3), dtype=np.float32)
         out_n = np.empty(n_slots, dtype=np.int32)
         import numba
         # small prange chunks balance threads: neighbouring seeds have similar, correlated costs

@@ -14,11 +14,10 @@ Sparsity: rows and columns are sorted by cluster.  ``row_cluster[i]`` is row
 row cluster sees, and ``col_start[J]:col_start[J + 1]`` the columns of cluster
 ``J``.  One cluster with every column gives the dense problem.
 
-The device functions are plain Python written once in :func:`_make_device_functions`
-and compiled by a factory for each target (``numba.njit`` for the CPU,
-``numba.cuda.jit(device=True)`` for CUDA), so each target calls its own
-versions.  The CUDA kernels also run under the simulator
-(``NUMBA_ENABLE_CUDASIM=1``).
+The device functions are plain Python written once and compiled for each target by
+:func:`kernels.compile.compile_for` (``numba.njit`` for the CPU, ``numba.cuda.jit(device=True)``
+for CUDA), so each target calls its own versions; the kernels are thin drivers that hand one row
+to them.  The CUDA kernels also run under the simulator (``NUMBA_ENABLE_CUDASIM=1``).
 """
 from __future__ import annotations
 
@@ -28,13 +27,14 @@ import threading
 import numba
 import numpy as np
 
-from ._factory import _rebind
+from .compile import compile_for
 from .device import cudasim_enabled as _simulator_enabled
 from .device import real_gpu_available as cuda_available
 
 __all__ = ["get_backend", "available_backends", "cuda_available", "CpuBackend", "CudaBackend"]
 
 _THREADS_PER_BLOCK = 128
+cuda = None   # the CUDA kernels' ``cuda`` module: bound by kernels.compile for the CUDA target
 
 
 # --------------------------------------------------------------------------- device functions
@@ -135,22 +135,6 @@ def row_nearest(i, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, col_start)
 _DEVICE_FUNCTIONS = (pair_costs, lse_push, row_softmin, row_class_mass, row_nearest)
 
 
-def compile_device_functions(device_jit, namespace: dict | None = None,
-                             overrides: dict | None = None) -> dict:
-    """Compile every shared device function with ``device_jit`` in a fresh namespace.
-
-    Each function is rebuilt from its code object with the new namespace as its
-    globals, so its calls reach the other functions compiled for the same target.
-    ``overrides`` maps a function name to another decorator for that one function.
-    """
-    ns = {"math": math, "numba": numba, "__name__": __name__}
-    ns.update(namespace or {})
-    for fn in _DEVICE_FUNCTIONS:
-        jit = (overrides or {}).get(fn.__name__, device_jit)
-        ns[fn.__name__] = jit(_rebind(fn, ns))
-    return ns
-
-
 # --------------------------------------------------------------------------- CPU kernels (sources)
 
 def _softmin_cpu(out, X, xw, Y, yw, h, inv_eps, lam, npts, row_cluster, blk_ptr, blk_idx, col_start):
@@ -200,23 +184,11 @@ def _nearest_gpu(arg, cost, X, xw, Y, yw, npts, row_cluster, blk_ptr, blk_idx, c
         cost[i] = c
 
 
+_CPU_KERNELS = (_softmin_cpu, _class_mass_cpu, _nearest_cpu)
+_CUDA_KERNELS = (_softmin_gpu, _class_mass_gpu, _nearest_gpu)
 # reassociation lets LLVM vectorise the distance sums (CPU only; no finite-math assumptions,
 # the kernels use infinities)
-_CPU_DISTANCE_MATH = {"reassoc", "contract", "arcp", "nsz"}
-
-
-def _build_cpu():
-    ns = compile_device_functions(numba.njit(cache=True), overrides={
-        "pair_costs": numba.njit(cache=True, fastmath=_CPU_DISTANCE_MATH)})
-    par = numba.njit(parallel=True, cache=True)
-    return tuple(par(_rebind(fn, ns)) for fn in (_softmin_cpu, _class_mass_cpu, _nearest_cpu))
-
-
-def _build_cuda():
-    from numba import cuda
-
-    ns = compile_device_functions(cuda.jit(device=True), {"cuda": cuda})
-    return tuple(cuda.jit(_rebind(fn, ns)) for fn in (_softmin_gpu, _class_mass_gpu, _nearest_gpu))
+_CPU_OPTIONS = {"pair_costs": {"fastmath": {"reassoc", "contract", "arcp", "nsz"}}}
 
 
 # --------------------------------------------------------------------------- backends
@@ -313,9 +285,13 @@ _LOCK = threading.Lock()
 
 
 def _kernels(target: str):
+    """(softmin, class mass, nearest) compiled for ``target``, built once per process."""
     with _LOCK:
         if target not in _KERNELS:
-            _KERNELS[target] = _build_cpu() if target == "cpu" else _build_cuda()
+            cpu = target == "cpu"
+            fns = compile_for(target, device=_DEVICE_FUNCTIONS, kernels=_CPU_KERNELS if cpu else _CUDA_KERNELS,
+                              options=_CPU_OPTIONS if cpu else None)
+            _KERNELS[target] = tuple(fns[k.__name__] for k in (_CPU_KERNELS if cpu else _CUDA_KERNELS))
         return _KERNELS[target]
 
 

@@ -5,6 +5,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .frames import sh_order_from_ncoef  # noqa: F401  (re-exported for the engine)
+
 
 @lru_cache(maxsize=8)
 def hemisphere(name: str = "repulsion724") -> tuple[np.ndarray, np.ndarray]:
@@ -33,14 +35,6 @@ def hemisphere(name: str = "repulsion724") -> tuple[np.ndarray, np.ndarray]:
         nbrs[b, fill[b]] = a
         fill[b] += 1
     return verts, nbrs
-
-
-def sh_order_from_ncoef(ncoef: int) -> int:
-    """Even SH order L such that (L+1)(L+2)/2 == ncoef."""
-    order = int(round((-3 + np.sqrt(1 + 8 * ncoef)) / 2))
-    if (order + 1) * (order + 2) // 2 != ncoef or order % 2:
-        raise ValueError(f"{ncoef} is not the number of coefficients of an even-order SH series")
-    return order
 
 
 def sh_to_sf_matrix(verts: np.ndarray, sh_order: int) -> np.ndarray:

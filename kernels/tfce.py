@@ -14,7 +14,9 @@ O(K * n) rather than K connected-component labellings.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .compile import compile_for
 
 N_STEPS = 100
 
@@ -37,7 +39,6 @@ def neighbour_graph(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarra
     return vox, indptr, indices
 
 
-@njit(cache=True)
 def _csr(vox, index, offs):
     n = vox.shape[0]
     nx, ny, nz = index.shape
@@ -57,7 +58,6 @@ def _csr(vox, index, offs):
     return counts, buf[:m].copy()
 
 
-@njit(cache=True)
 def _find(parent, i):
     root = i
     while parent[root] != root:
@@ -69,7 +69,6 @@ def _find(parent, i):
     return root
 
 
-@njit(cache=True)
 def _tfce_one(values, indptr, indices, dh, H, E, out, parent, size, order, added):
     """TFCE of one map into ``out``; the other arrays are scratch of length n."""
     n = values.shape[0]
@@ -116,7 +115,6 @@ def _tfce_one(values, indptr, indices, dh, H, E, out, parent, size, order, added
             out[v] += size[_find(parent, v)] ** E * w
 
 
-@njit(cache=True)
 def tfce_graph(values, indptr, indices, dh, H=2.0, E=1.0):
     """TFCE of ``values`` (n,) on a CSR graph; ``dh <= 0`` means max/100."""
     n = values.shape[0]
@@ -130,7 +128,6 @@ def tfce_graph(values, indptr, indices, dh, H=2.0, E=1.0):
     return out
 
 
-@njit(cache=True, parallel=True)
 def max_tfce_batch(stats, indptr, indices, H=2.0, E=1.0):
     """Max TFCE of each row of ``stats`` (B, n), each with its own dh = max/100 (permutations)."""
     B, n = stats.shape
@@ -145,6 +142,11 @@ def max_tfce_batch(stats, indptr, indices, H=2.0, E=1.0):
                       np.empty(n, np.bool_))
             res[b] = out.max()
     return res
+
+
+# compiled for the CPU (cached); the module names now refer to the compiled functions
+_fns = compile_for("cpu", device=(_csr, _find, _tfce_one, tfce_graph), kernels=(max_tfce_batch,))
+_csr, tfce_graph, max_tfce_batch = _fns["_csr"], _fns["tfce_graph"], _fns["max_tfce_batch"]
 
 
 def tfce(stat: np.ndarray, mask: np.ndarray | None = None, *, H: float = 2.0, E: float = 1.0,

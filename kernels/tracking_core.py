@@ -1,33 +1,25 @@
 """Tractography, written once as plain Python functions and compiled for CPU and CUDA.
 
-Nothing here is compiled at import time: :func:`kernels._factory.compile_for` turns every function
+Nothing here is compiled at import time: :func:`kernels.compile.compile_for` turns every function
 named in :data:`DEVICE_FUNCTIONS` into a ``numba.njit`` (CPU) or ``numba.cuda.jit(device=True)``
-(CUDA) function, with the calls between them bound to the same target.  The code therefore uses only
-what both targets support: scalars, array indexing, ``math``, and numpy scalar casts.
+(CUDA) function, with the calls between them bound to the same target, and the thin drivers at the
+end into the CPU's parallel loops (:data:`CPU_KERNELS`) or CUDA kernels (:data:`CUDA_KERNELS`): each
+driver only hands one seed (or one streamline) to the same device function.  The code therefore uses
+only what both targets support: scalars, array indexing, ``math``, and numpy scalar casts.
 
 Geometry: points are voxel indices (voxel centres at integers); directions are unit vectors in the
-image's scaled-voxel-axis frame (the frame of the SH coefficients); a step of ``step`` mm moves by
-``d * step / voxel_size`` voxels on each axis; output points are world (RAS+) mm via the affine.
+image's scaled-voxel-axis frame (the frame of the SH coefficients); a step of ``step_size`` mm moves
+by ``d * step_size / voxel_size`` voxels on each axis; output points are world (RAS+) mm via the affine.
 
 Randomness: a counter-based generator (SplitMix64 finaliser) keyed on (run seed, seed index) and
 counted by (stream = 2*peak + half, draw = 4*step + k): a streamline never depends on which thread,
 chunk or backend computed it.
 
-Parameter vectors (built by :func:`kernels.engine.pack_params`):
+Parameters reach the kernels as two small vectors, ``fp`` (float64) and ``ip`` (int64), filled by
+:func:`kernels.engine.pack_params` and read here through the named slots below (``fp[F_STEP_SIZE]``);
+both sides use the same names, so no slot number is written anywhere else.
 
-``fp`` (float64): 0 step mm, 1 cos(max angle), 2 pmf threshold (relative to the max), 3 stop
-threshold, 4 relative peak threshold, 5 cos(min peak separation), 6-8 voxel sizes (mm), 9 CMC
-probability scale (step / mean voxel size), 10 PTT probe length (mm), 11 PTT max curvature (1/mm,
-max angle per step / step).
-
-``ip`` (int64): 0 algorithm (0 prob, 1 det, 2 ptt, 3 boot), 1 ODF mode (0 sampled SF, 1 SH on the
-fly), 2 stop method (0 threshold, 1 ACT, 2 CMC), 3 max points per streamline, 4 max peaks per seed,
-5 sphere vertices, 6 SH coefficients of ``odf`` in SH mode (0 in SF mode), 7 neighbour table width,
-8 run seed, 9 PTT probe points, 10 PTT max tries, 11 bootstrap DWI volumes, 12 bootstrap max tries,
-13 columns of ``bmat``, 14 bootstrap model (0 CSA, 1 OPDT), 15 channel of ``stop`` holding the
-per-voxel ODF maximum.
-
-``nbrs`` (V, D + C): columns 0..D-1 (D = ip[7]) list each vertex's sphere neighbours, columns D..
+``nbrs`` (V, D + C): columns 0..D-1 (D = ``ip[I_NBR_DEGREE]``) list each vertex's sphere neighbours, columns D..
 list the vertices that can lie inside the max-angle cone of any direction whose nearest vertex is
 this one (the cone plus the sphere's covering radius); both padded with -1.
 
@@ -42,6 +34,8 @@ import math
 import numpy as np
 from numba import prange
 
+cuda = None   # the CUDA drivers' ``cuda`` module: bound by kernels.compile for the CUDA target
+
 # streamline end states
 TRACK = 0
 END = 1        # stopped on the stopping criterion (point kept for ACT/CMC, dropped for threshold)
@@ -52,6 +46,50 @@ MAXLEN = 5     # ran out of points (max length)
 
 ALGO_PROB, ALGO_DET, ALGO_PTT, ALGO_BOOT = 0, 1, 2, 3
 STOP_THRESHOLD, STOP_ACT, STOP_CMC = 0, 1, 2
+ODF_SF, ODF_SH = 0, 1          # ODF pre-sampled on the sphere, or SH coefficients evaluated on the fly
+BOOT_CSA, BOOT_OPDT = 0, 1
+
+# ``fp`` slots (float64)
+F_STEP_SIZE = 0               # step size (mm)
+F_COS_MAX_ANGLE = 1           # cos(max angle between steps)
+F_PMF_THRESHOLD = 2           # PMF values below this fraction of the ODF maximum are ignored
+F_STOP_THRESHOLD = 3          # threshold stopping: keep tracking while the stop map is above it
+F_REL_PEAK_THRESHOLD = 4      # ODF peaks below this fraction of the maximum are ignored
+F_COS_MIN_SEPARATION = 5      # cos(min angle between two seed peaks)
+F_VOXEL_X = 6                 # voxel sizes (mm) along the three voxel axes
+F_VOXEL_Y = 7
+F_VOXEL_Z = 8
+F_CMC_SCALE = 9               # CMC probability scale: step size / mean voxel size
+F_PTT_PROBE_LENGTH = 10       # PTT probe length (mm)
+F_PTT_MAX_CURVATURE = 11      # PTT max curvature (1/mm): max angle per step / step size
+N_FLOAT_PARAMS = 16
+
+# ``ip`` slots (int64)
+I_ALGORITHM = 0               # ALGO_*
+I_ODF_MODE = 1                # ODF_SF or ODF_SH
+I_STOP_METHOD = 2             # STOP_*
+I_MAX_POINTS = 3              # points per streamline (both halves and the seed)
+I_MAX_CROSS = 4               # streamlines (ODF peaks) per seed
+I_N_VERTS = 5                 # sphere (hemisphere) vertices
+I_N_ODF_COEF = 6              # SH coefficients in ``odf`` (ODF_SH), 0 with ODF_SF
+I_NBR_DEGREE = 7              # neighbour columns of ``nbrs`` (the cone candidates follow)
+I_RNG_SEED = 8                # run seed of the counter-based generator
+I_PTT_PROBE_POINTS = 9
+I_PTT_MAX_TRIES = 10
+I_BOOT_N_DWI = 11             # diffusion-weighted volumes of the bootstrap shell
+I_BOOT_MAX_TRIES = 12
+I_N_SH_COEF = 13              # columns of ``bmat`` (SH coefficients of the series)
+I_BOOT_MODEL = 14             # BOOT_CSA or BOOT_OPDT
+I_MAX_CHANNEL = 15            # channel of ``stop`` holding the per-voxel ODF maximum
+N_INT_PARAMS = 16
+
+# per-thread scratch sizes of the CUDA kernel (local arrays need compile-time sizes)
+CUDA_MAX_VERTS = 512          # sphere vertices (a hemisphere of repulsion724 has 362)
+CUDA_MAX_COEFS = 153          # SH coefficients up to order 16
+CUDA_MAX_CROSS = 8            # peaks per seed
+CUDA_MAX_DWI = 160            # diffusion-weighted volumes for the bootstrap
+WORK_HEAD = 16                # work[0:16]: PTT frame; the bootstrap's vectors follow
+CUDA_MAX_WORK = WORK_HEAD + 3 * CUDA_MAX_DWI
 
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -147,13 +185,13 @@ def eval_pmf(odf, bmat, mode, nverts, ncoef, x, y, z, coef, pmf):
     w011 = gx * fy * fz
     w111 = fx * fy * fz
     mx = 0.0
-    n = nverts if mode == 0 else ncoef
+    n = nverts if mode == ODF_SF else ncoef
     for c in range(n):
         s = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
              + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
              + w001 * odf[i0, j0, k1, c] + w101 * odf[i1, j0, k1, c]
              + w011 * odf[i0, j1, k1, c] + w111 * odf[i1, j1, k1, c])
-        if mode == 0:
+        if mode == ODF_SF:
             if s < 0.0:
                 s = 0.0
             pmf[c] = s
@@ -161,7 +199,7 @@ def eval_pmf(odf, bmat, mode, nverts, ncoef, x, y, z, coef, pmf):
                 mx = s
         else:
             coef[c] = s
-    if mode != 0:
+    if mode != ODF_SF:
         for v in range(nverts):
             s = 0.0
             for c in range(ncoef):
@@ -198,7 +236,7 @@ def prob_cone(odf, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg,
     w101 = fx * gy * fz
     w011 = gx * fy * fz
     w111 = fx * fy * fz
-    if mode != 0:
+    if mode != ODF_SF:
         for c in range(ncoef):
             coef[c] = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
                        + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
@@ -216,7 +254,7 @@ def prob_cone(odf, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg,
         if c < 0.0:
             c = -c
         if c >= cos_max:
-            if mode == 0:
+            if mode == ODF_SF:
                 p = (w000 * odf[i0, j0, k0, w] + w100 * odf[i1, j0, k0, w]
                      + w010 * odf[i0, j1, k0, w] + w110 * odf[i1, j1, k0, w]
                      + w001 * odf[i0, j0, k1, w] + w101 * odf[i1, j0, k1, w]
@@ -328,7 +366,7 @@ def odf_value(odf, bmat, mode, ncoef, x, y, z, v):
     ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
     if not ok:
         return -1.0
-    if mode == 0:
+    if mode == ODF_SF:
         return interp_at(odf, v, i0, j0, k0, i1, j1, k1, fx, fy, fz)
     s = 0.0
     for c in range(ncoef):
@@ -440,12 +478,12 @@ def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, m
 
     Returns (ok, x, y, z, v); the frame in work[0:9] is transported.
     """
-    step = fp[0]
-    kmax = fp[11]
-    probe = fp[10]
-    nq = ip[9]
-    floor = fp[2] * mx
-    for t in range(ip[10]):
+    step_size = fp[F_STEP_SIZE]
+    kmax = fp[F_PTT_MAX_CURVATURE]
+    probe = fp[F_PTT_PROBE_LENGTH]
+    nq = ip[I_PTT_PROBE_POINTS]
+    floor = fp[F_PMF_THRESHOLD] * mx
+    for t in range(ip[I_PTT_MAX_TRIES]):
         base = 1024 * s + 4 * t
         r = kmax * math.sqrt(uniform(key, stream, base))
         phi = 2.0 * math.pi * uniform(key, stream, base + 1)
@@ -457,8 +495,8 @@ def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, m
         for q in range(1, nq + 1):
             l = probe * q / nq
             ox, oy, oz, tx, ty, tz = arc_point(l, k1, k2, work)
-            vv = nearest_vertex(verts, nbrs, ip[7], vv, tx, ty, tz)
-            val = odf_value(odf, bmat, ip[1], ip[6], x + ox / fp[6], y + oy / fp[7], z + oz / fp[8], vv)
+            vv = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], vv, tx, ty, tz)
+            val = odf_value(odf, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], x + ox / fp[F_VOXEL_X], y + oy / fp[F_VOXEL_Y], z + oz / fp[F_VOXEL_Z], vv)
             if val < floor or val <= 0.0:
                 good = False
                 break
@@ -466,10 +504,10 @@ def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, m
         if not good:
             continue
         if uniform(key, stream, base + 2) * mx <= support / nq:
-            ox, oy, oz, tx, ty, tz = arc_point(step, k1, k2, work)
-            frame_advance(step, k1, k2, work)
-            v = nearest_vertex(verts, nbrs, ip[7], v, work[0], work[1], work[2])
-            return True, x + ox / fp[6], y + oy / fp[7], z + oz / fp[8], v
+            ox, oy, oz, tx, ty, tz = arc_point(step_size, k1, k2, work)
+            frame_advance(step_size, k1, k2, work)
+            v = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], v, work[0], work[1], work[2])
+            return True, x + ox / fp[F_VOXEL_X], y + oy / fp[F_VOXEL_Y], z + oz / fp[F_VOXEL_Z], v
     return False, x, y, z, v
 
 
@@ -477,9 +515,9 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
                    key, stream, draw0, work, coef, pmf):
     """Residual bootstrap: resample the leverage-corrected residuals of an SH fit of the signal,
     refit the CSA/OPDT ODF, take the peak closest to (dx, dy, dz) inside the cone."""
-    nd = ip[11]
-    ncb = ip[13]
-    nverts = ip[5]
+    nd = ip[I_BOOT_N_DWI]
+    ncb = ip[I_N_SH_COEF]
+    nverts = ip[I_N_VERTS]
     ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, bdata.shape[0], bdata.shape[1],
                                                  bdata.shape[2])
     if not ok:
@@ -487,9 +525,9 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
     s0 = interp_at(bdata, nd, i0, j0, k0, i1, j1, k1, fx, fy, fz)
     if s0 <= 0.0:
         return False, 0.0, 0.0, 0.0
-    e0 = 16
-    f0 = 16 + nd
-    r0 = 16 + 2 * nd
+    e0 = WORK_HEAD
+    f0 = WORK_HEAD + nd
+    r0 = WORK_HEAD + 2 * nd
     for i in range(nd):
         e = interp_at(bdata, i, i0, j0, k0, i1, j1, k1, fx, fy, fz) / s0
         if e < 1e-5:
@@ -503,7 +541,7 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
             res += bootm[nd + i, j] * work[e0 + j]
         work[f0 + i] = fit
         work[r0 + i] = res
-    for t in range(ip[12]):
+    for t in range(ip[I_BOOT_MAX_TRIES]):
         for c in range(ncb):
             coef[c] = 0.0
         for i in range(nd):
@@ -515,7 +553,7 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
                 e = 0.001
             if e > 0.999:
                 e = 0.999
-            if ip[14] == 0:
+            if ip[I_BOOT_MODEL] == BOOT_CSA:
                 a = math.log(-math.log(e))
                 for c in range(ncb):
                     coef[c] += bootm[2 * nd + c, i] * a
@@ -524,7 +562,7 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
                 a = ld * (1.5 - ld) * e
                 for c in range(ncb):
                     coef[c] += bootm[2 * nd + ncb + c, i] * a - bootm[2 * nd + c, i] * e
-        if ip[14] == 0:
+        if ip[I_BOOT_MODEL] == BOOT_CSA:
             coef[0] = 0.28209479177387814  # 1 / (2 sqrt(pi)): CSA's normalised ODF
         mx = 0.0
         for v in range(nverts):
@@ -538,7 +576,7 @@ def boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z, dx, dy, dz,
                 mx = s
         if mx <= 0.0:
             continue
-        ok, ox, oy, oz = closest_peak(pmf, nverts, verts, nbrs, ip[7], dx, dy, dz, fp[1], fp[4], mx)
+        ok, ox, oy, oz = closest_peak(pmf, nverts, verts, nbrs, ip[I_NBR_DEGREE], dx, dy, dz, fp[F_COS_MAX_ANGLE], fp[F_REL_PEAK_THRESHOLD], mx)
         if ok:
             return True, ox, oy, oz
     return False, 0.0, 0.0, 0.0
@@ -550,14 +588,14 @@ def stop_status(stop, method, thr, cmc_scale, x, y, z, key, stream, draw):
     ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, stop.shape[0], stop.shape[1], stop.shape[2])
     if not ok:
         return OUTSIDE
-    if method == 0:
+    if method == STOP_THRESHOLD:
         v = interp_at(stop, 0, i0, j0, k0, i1, j1, k1, fx, fy, fz)
         if v > thr:
             return TRACK
         return END
     inc = interp_at(stop, 0, i0, j0, k0, i1, j1, k1, fx, fy, fz)
     exc = interp_at(stop, 1, i0, j0, k0, i1, j1, k1, fx, fy, fz)
-    if method == 1:
+    if method == STOP_ACT:
         if inc > 0.5:
             return END
         if exc > 0.5:
@@ -588,17 +626,17 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
 
     Returns (number of points now in out[slot], end state).
     """
-    step = fp[0]
-    sx = step / fp[6]
-    sy = step / fp[7]
-    sz = step / fp[8]
-    algo = ip[0]
+    step_size = fp[F_STEP_SIZE]
+    sx = step_size / fp[F_VOXEL_X]
+    sy = step_size / fp[F_VOXEL_Y]
+    sz = step_size / fp[F_VOXEL_Z]
+    algo = ip[I_ALGORITHM]
     status = MAXLEN
-    v = nearest_vertex(verts, nbrs, ip[7], 0, dx, dy, dz)
-    if algo == 2:
+    v = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], 0, dx, dy, dz)
+    if algo == ALGO_PTT:
         frame_init(dx, dy, dz, work)
     for s in range(budget):
-        if algo == 3:
+        if algo == ALGO_BOOT:
             ok, ndx, ndy, ndz = boot_direction(bdata, bootm, bmat, verts, nbrs, fp, ip, x, y, z,
                                                dx, dy, dz, key, stream + 128, 4096 * s, work,
                                                coef, pmf)
@@ -611,10 +649,10 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
             x += dx * sx
             y += dy * sy
             z += dz * sz
-        elif algo == 2:
+        elif algo == ALGO_PTT:
             ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, stop.shape[0], stop.shape[1],
                                                          stop.shape[2])
-            mx = interp_at(stop, ip[15], i0, j0, k0, i1, j1, k1, fx, fy, fz)
+            mx = interp_at(stop, ip[I_MAX_CHANNEL], i0, j0, k0, i1, j1, k1, fx, fy, fz)
             if mx <= 0.0:
                 status = NODIR
                 break
@@ -624,18 +662,18 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
                 status = NODIR
                 break
         else:
-            if algo == 1:
-                mx = eval_pmf(odf, bmat, ip[1], ip[5], ip[6], x, y, z, coef, pmf)
+            if algo == ALGO_DET:
+                mx = eval_pmf(odf, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], x, y, z, coef, pmf)
                 if mx <= 0.0:
                     status = NODIR
                     break
-                ok, ndx, ndy, ndz = closest_peak(pmf, ip[5], verts, nbrs, ip[7], dx, dy, dz,
-                                                 fp[1], fp[4], mx)
+                ok, ndx, ndy, ndz = closest_peak(pmf, ip[I_N_VERTS], verts, nbrs, ip[I_NBR_DEGREE], dx, dy, dz,
+                                                 fp[F_COS_MAX_ANGLE], fp[F_REL_PEAK_THRESHOLD], mx)
             else:
-                v = nearest_vertex(verts, nbrs, ip[7], v, dx, dy, dz)
+                v = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], v, dx, dy, dz)
                 u = uniform(key, stream, 4 * s)
-                ok, ndx, ndy, ndz = prob_cone(odf, bmat, ip[1], ip[6], stop, ip[15], x, y, z,
-                                              verts, nbrs, ip[7], v, dx, dy, dz, fp[1], fp[2], u,
+                ok, ndx, ndy, ndz = prob_cone(odf, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], stop, ip[I_MAX_CHANNEL], x, y, z,
+                                              verts, nbrs, ip[I_NBR_DEGREE], v, dx, dy, dz, fp[F_COS_MAX_ANGLE], fp[F_PMF_THRESHOLD], u,
                                               coef, pmf)
             if not ok:
                 status = NODIR
@@ -646,8 +684,8 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
             x += dx * sx
             y += dy * sy
             z += dz * sz
-        st = stop_status(stop, ip[2], fp[3], fp[9], x, y, z, key, stream, 4 * s + 1)
-        if st == OUTSIDE or (st == END and ip[2] == 0):
+        st = stop_status(stop, ip[I_STOP_METHOD], fp[F_STOP_THRESHOLD], fp[F_CMC_SCALE], x, y, z, key, stream, 4 * s + 1)
+        if st == OUTSIDE or (st == END and ip[I_STOP_METHOD] == STOP_THRESHOLD):
             # a point that left the image or failed the threshold is not kept; ACT/CMC keep
             # the point that reached the include region
             status = st
@@ -664,25 +702,25 @@ def end_ok(method, status):
     """Is this end state acceptable?  ACT/CMC accept only ends in an include region or outside."""
     if status == INVALID:
         return False
-    if method == 0:
+    if method == STOP_THRESHOLD:
         return True
     return status == END or status == OUTSIDE
 
 
 def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
                out, out_n, pmf, coef, peaks, work):
-    """All streamlines of one seed (one per ODF peak, up to ip[4]) into slots i*ip[4] + k."""
-    max_cross = ip[4]
-    max_pts = ip[3]
+    """All streamlines of one seed (one per ODF peak, up to ip[I_MAX_CROSS]) into slots i*ip[I_MAX_CROSS] + k."""
+    max_cross = ip[I_MAX_CROSS]
+    max_pts = ip[I_MAX_POINTS]
     for k in range(max_cross):
         out_n[i * max_cross + k] = 0
-    key = stream_key(ip[8], seed_index)
-    if stop_status(stop, ip[2], fp[3], fp[9], sx, sy, sz, key, SEEDCHECK_STREAM, 0) != TRACK:
+    key = stream_key(ip[I_RNG_SEED], seed_index)
+    if stop_status(stop, ip[I_STOP_METHOD], fp[F_STOP_THRESHOLD], fp[F_CMC_SCALE], sx, sy, sz, key, SEEDCHECK_STREAM, 0) != TRACK:
         return
-    mx = eval_pmf(odf, bmat, ip[1], ip[5], ip[6], sx, sy, sz, coef, pmf)
+    mx = eval_pmf(odf, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], sx, sy, sz, coef, pmf)
     if mx <= 0.0:
         return
-    npk = seed_peaks(pmf, ip[5], verts, nbrs, ip[7], fp[4], fp[5], mx, max_cross, peaks)
+    npk = seed_peaks(pmf, ip[I_N_VERTS], verts, nbrs, ip[I_NBR_DEGREE], fp[F_REL_PEAK_THRESHOLD], fp[F_COS_MIN_SEPARATION], mx, max_cross, peaks)
     for k in range(npk):
         slot = i * max_cross + k
         v = peaks[k]
@@ -702,19 +740,51 @@ def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp,
         n, st_f = track_half(sx, sy, sz, px, py, pz, n, max_pts - n, out, slot, key, 2 * k + 1,
                              odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef,
                              work)
-        if not (end_ok(ip[2], st_b) and end_ok(ip[2], st_f)):
+        if not (end_ok(ip[I_STOP_METHOD], st_b) and end_ok(ip[I_STOP_METHOD], st_f)):
             n = 0
         out_n[slot] = n
 
 
-# ----------------------------------------------------------------------------- CPU drivers
+def copy_streamline(j, out, slots, offsets, lengths, positions):
+    """Copy the points of kept slot ``slots[j]`` to ``positions[offsets[j]:]`` (TRX layout)."""
+    s = slots[j]
+    o = offsets[j]
+    for t in range(lengths[j]):
+        positions[o + t, 0] = out[s, t, 0]
+        positions[o + t, 1] = out[s, t, 1]
+        positions[o + t, 2] = out[s, t, 2]
+
+
+def place_seed(i, first_index, vox, per_voxel, run_seed, out):
+    """Position (voxel indices) of global seed ``first_index + i`` into ``out[i]``.
+
+    ``per_voxel > 0``: seed g lies in voxel ``vox[g // per_voxel]``; otherwise in a voxel drawn at
+    random.  Each seed is jittered uniformly inside its voxel.
+    """
+    nvox = vox.shape[0]
+    g = first_index + i
+    key = stream_key(run_seed, g)
+    if per_voxel > 0:
+        v = g // per_voxel
+    else:
+        v = int(uniform(key, SEED_STREAM, 3) * nvox)
+        if v >= nvox:
+            v = nvox - 1
+    out[i, 0] = vox[v, 0] + uniform(key, SEED_STREAM, 0) - 0.5
+    out[i, 1] = vox[v, 1] + uniform(key, SEED_STREAM, 1) - 0.5
+    out[i, 2] = vox[v, 2] + uniform(key, SEED_STREAM, 2) - 0.5
+
+
+# ----------------------------------------------------------------------------- drivers
+# Each driver hands one item to a device function above: a prange loop on the CPU, one thread per
+# item on CUDA.  Scratch arrays: sized to need on the CPU, compile-time maxima on CUDA.
+
 def track_chunk_cpu(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
                     out, out_n):
-    """CPU driver: one seed per prange iteration."""
-    nv = ip[5]
-    nc = max(max(ip[6], ip[13]), 1)
-    mc = ip[4]
-    nw = 16 + 3 * ip[11]
+    nv = ip[I_N_VERTS]
+    nc = max(max(ip[I_N_ODF_COEF], ip[I_N_SH_COEF]), 1)
+    mc = ip[I_MAX_CROSS]
+    nw = WORK_HEAD + 3 * ip[I_BOOT_N_DWI]
     for i in prange(seeds.shape[0]):
         pmf = np.empty(nv, np.float32)
         coef = np.empty(nc, np.float64)
@@ -724,41 +794,39 @@ def track_chunk_cpu(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, i
                    nbrs, stop, aff, fp, ip, bdata, bootm, out, out_n, pmf, coef, peaks, work)
 
 
-def place_seeds(first_index, count, vox, per_voxel, run_seed, out):
-    """Seed positions (voxel indices) for global seed numbers first_index .. first_index+count-1.
+def track_chunk_cuda(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+                     out, out_n):
+    i = cuda.grid(1)
+    if i < seeds.shape[0]:
+        pmf = cuda.local.array(CUDA_MAX_VERTS, np.float32)
+        coef = cuda.local.array(CUDA_MAX_COEFS, np.float64)
+        peaks = cuda.local.array(CUDA_MAX_CROSS, np.int32)
+        work = cuda.local.array(CUDA_MAX_WORK, np.float64)
+        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], odf, bmat, verts,
+                   nbrs, stop, aff, fp, ip, bdata, bootm, out, out_n, pmf, coef, peaks, work)
 
-    ``per_voxel > 0``: seed g lies in voxel ``vox[g // per_voxel]``; otherwise in a voxel drawn at
-    random.  Each seed is jittered uniformly inside its voxel.
-    """
-    nvox = vox.shape[0]
+
+def place_seeds_cpu(first_index, count, vox, per_voxel, run_seed, out):
     for i in prange(count):
-        g = first_index + i
-        key = stream_key(run_seed, g)
-        if per_voxel > 0:
-            v = g // per_voxel
-        else:
-            v = int(uniform(key, SEED_STREAM, 3) * nvox)
-            if v >= nvox:
-                v = nvox - 1
-        out[i, 0] = vox[v, 0] + uniform(key, SEED_STREAM, 0) - 0.5
-        out[i, 1] = vox[v, 1] + uniform(key, SEED_STREAM, 1) - 0.5
-        out[i, 2] = vox[v, 2] + uniform(key, SEED_STREAM, 2) - 0.5
+        place_seed(i, first_index, vox, per_voxel, run_seed, out)
 
 
-def gather_points(out, slots, offsets, lengths, positions):
-    """Pack the points of the kept slots contiguously (TRX positions)."""
+def gather_points_cpu(out, slots, offsets, lengths, positions):
     for j in prange(slots.shape[0]):
-        s = slots[j]
-        o = offsets[j]
-        for t in range(lengths[j]):
-            positions[o + t, 0] = out[s, t, 0]
-            positions[o + t, 1] = out[s, t, 1]
-            positions[o + t, 2] = out[s, t, 2]
+        copy_streamline(j, out, slots, offsets, lengths, positions)
+
+
+def gather_points_cuda(out, slots, offsets, lengths, positions):
+    j = cuda.grid(1)
+    if j < slots.shape[0]:
+        copy_streamline(j, out, slots, offsets, lengths, positions)
 
 
 DEVICE_FUNCTIONS = (
     splitmix64, stream_key, uniform, cell, interp_at, eval_pmf, is_local_max,
     closest_peak, seed_peaks, prob_cone, odf_value, nearest_vertex, arc_point, frame_init, frame_advance,
     ptt_step, boot_direction, stop_status, write_world, track_half, end_ok, track_seed,
+    copy_streamline, place_seed,
 )
-CPU_PARALLEL_FUNCTIONS = (track_chunk_cpu, place_seeds, gather_points)
+CPU_KERNELS = (track_chunk_cpu, place_seeds_cpu, gather_points_cpu)
+CUDA_KERNELS = (track_chunk_cuda, gather_points_cuda)

@@ -70,13 +70,17 @@ def tbss_cohort(tmp_path_factory):
     return cached_demo_cohort(tmp_path_factory.getbasetemp(), n_controls=5, n_patients=5, undeformed=2)
 
 
-def tbss_args(*argv):
-    """The TBSS options as the CLI parses them (no progress bars in tests)."""
+def group_options(group, *argv):
+    """One option group (a bids_app.config dataclass) as the CLI parses it."""
     import argparse
 
-    from bids_app.group.tbss import add_arguments
+    from bids_app.config import add_group_arguments
     p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.no_progress = True
-    return args
+    add_group_arguments(p, group)
+    return group.from_namespace(p.parse_args([str(a) for a in argv]))
+
+
+def tbss_args(*argv):
+    """The TBSS options as the CLI parses them."""
+    from bids_app.config import Tbss
+    return group_options(Tbss, *argv)

@@ -1,5 +1,4 @@
 """Demo-like data: label transfer with ground truth, and the group-level segmentation step."""
-import argparse
 import json
 
 import nibabel as nib
@@ -8,13 +7,14 @@ import pandas as pd
 import pytest
 
 from bids_app.errors import NoInputError, NoMatchError, UsageError
-from bids_app.group.bundles import add_arguments, app, outputs, run_segmentation, synthetic
+from bids_app.config import OT_REACH_DEMO, Segmentation
+from bids_app.group.bundles import app, outputs, run_segmentation, synthetic
 from bids_app.group.bundles.align import apply_affine
 from bids_app.group.bundles.atlas import Atlas
 from bids_app.group.bundles.ot import OTParams
 from bids_app.group.bundles.segment import segment
 
-DEMO = OTParams(reach=app.DEMO_REACH)
+DEMO = OTParams(reach=OT_REACH_DEMO)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +68,15 @@ def test_partial_streamlines_need_the_atlas_windows(subject):
 # --------------------------------------------------------------------------- the group step
 
 def _args(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--force", action="store_true")
-    return p.parse_args(list(argv))
+    from conftest import group_options
+    return group_options(Segmentation, *argv)
 
 
 @pytest.fixture(scope="module")
 def group_run(demo_bids, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "derivatives"
     info = synthetic.participant_outputs_from_demo(demo_bids, out, n_spurious=30)
-    res = run_segmentation(bids_dir=demo_bids, output_dir=out, participants=None, args=_args(),
+    res = run_segmentation(bids_dir=demo_bids, output_dir=out, participants=None, options=_args(),
                            executor=None)
     return demo_bids, out, info, res
 
@@ -134,19 +131,21 @@ def test_group_profiles_show_the_patient_effect(group_run):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_reuses_and_errors(group_run):
+def test_rerun_reuses_and_errors(group_run, tmp_path):
+    import shutil
     bids, out, info, res = group_run
-    again = run_segmentation(bids_dir=bids, output_dir=out, participants=[{"sub": "01"}], args=_args(),
+    out = shutil.copytree(out, tmp_path / "derivatives")   # tests never change shared fixtures
+    again = run_segmentation(bids_dir=bids, output_dir=out, participants=[{"sub": "01"}], options=_args(),
                              executor=None)
     assert again["reused"] == 1 and again["participants"] == 1
     with pytest.raises(UsageError):
-        run_segmentation(bids_dir=bids, output_dir=out, participants=None, args=_args("--ot-blur", "0"),
+        run_segmentation(bids_dir=bids, output_dir=out, participants=None, options=_args("--ot-blur", "0"),
                          executor=None)
     with pytest.raises(NoInputError):
         run_segmentation(bids_dir=bids, output_dir=out, participants=None,
-                         args=_args("--atlas", str(out / "missing.trx")), executor=None)
+                         options=_args("--atlas", str(out / "missing.trx")), executor=None)
     with pytest.raises(NoMatchError):
-        run_segmentation(bids_dir=bids, output_dir=out, participants=[{"sub": "99"}], args=_args(),
+        run_segmentation(bids_dir=bids, output_dir=out, participants=[{"sub": "99"}], options=_args(),
                          executor=None)
 
 
@@ -159,8 +158,8 @@ def test_group_step_on_an_executor_with_centroids(group_run, tmp_path):
     shutil.copytree(out, work, ignore=shutil.ignore_patterns("group"))
     with make_executor(1) as ex:
         r = run_segmentation(bids_dir=bids, output_dir=work, participants=None,
-                             args=_args("--seg-method", "centroid", "--seg-transform", "affine", "--force"),
-                             executor=ex)
+                             options=_args("--seg-method", "centroid", "--seg-transform", "affine"),
+                             executor=ex, force=True)
     assert r["reused"] == 0 and r["method"] == "centroid"
     side = json.loads((work / "sub-02" / "dwi" / "sub-02_track-prob_desc-bundles_tractogram.json")
                       .read_text())
@@ -179,7 +178,7 @@ def test_end_to_end_on_tracked_demo(participant_run, demo_bids, tmp_path):
     from bids_app.group.transforms import sample_image
     out = tmp_path / "derivatives"
     shutil.copytree(participant_run[0], out, ignore=shutil.ignore_patterns("group", "logs"))
-    res = run_segmentation(bids_dir=demo_bids, output_dir=out, participants=None, args=_args(), executor=None)
+    res = run_segmentation(bids_dir=demo_bids, output_dir=out, participants=None, options=_args(), executor=None)
     assert res["participants"] == 2
     for sub in ("01", "02"):
         track = out / f"sub-{sub}" / "dwi" / f"sub-{sub}_track-prob_tractogram.trx"
@@ -229,7 +228,7 @@ def test_tractogram_formats_and_selection(tmp_path):
 @pytest.mark.parametrize("fmt", ["trx", "tck", "trk"])
 def test_group_level_finds_tractograms_in_every_format(tmp_path, fmt):
     """--tractogram-format tck/trk outputs must reach the segmentation step too."""
-    from bids_app.workflows.group import _has_tractograms
+    from bids_app.workflows.group import has_tractograms as _has_tractograms
     d = tmp_path / "sub-01" / "dwi"
     d.mkdir(parents=True)
     assert not _has_tractograms(tmp_path)

@@ -56,6 +56,7 @@ def test_alignment_is_needed_between_subjects(data, transforms):
     assert np.mean(aligned == truth) >= 0.95
 
 
+@pytest.mark.slow
 def test_leave_one_subject_out_ot_beats_centroid(data, transforms):
     acc = {}
     for method in ("ot", "centroid"):

@@ -46,11 +46,10 @@ def test_user_mistakes_exit_codes(demo_bids, tmp_path, args, code, words):
 
 
 def test_labels_with_and_without_prefix_and_underscore_alias(demo_bids):
-    p = build_parser()
-    from bids_app.cli import _labels
-    a = p.parse_args([str(demo_bids), "o", "participant", "--participant_label", "sub-01", "02"])
-    assert _labels(a.participant_label) == ["01", "02"]
-    a = p.parse_args([str(demo_bids), "o", "participant", "--session_label", "ses-A"])
+    from bids_app.config import Config
+    a = Config.from_argv([str(demo_bids), "o", "participant", "--participant_label", "sub-01", "02"])
+    assert list(a.selection.participant_label) == ["01", "02"]
+    a = build_parser().parse_args([str(demo_bids), "o", "participant", "--session_label", "ses-A"])
     assert a.session_label == ["ses-A"]
 
 
@@ -94,8 +93,8 @@ def test_output_not_creatable(demo_bids, tmp_path):
 PROBE = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from bids_app.cli import _ensure_numba_cache_dir
-_ensure_numba_cache_dir()
+from bids_app.resources import ensure_numba_cache_dir
+ensure_numba_cache_dir()
 from numba import njit
 
 @njit(cache=True)
@@ -140,3 +139,36 @@ def test_readme_documents_every_option():
                 assert f"`{flag}`" in readme, f"{flag} is not documented in README.md"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_readme_options.py"), "--check"])
     assert proc.returncode == 0, "README options are stale: run python tools/make_readme_options.py"
+
+
+@pytest.mark.parametrize("level, args, words", [
+    ("participant", ["--device", "cuda"], "--device cuda"),
+    ("participant", ["--tracking", "boot", "--odf-model", "csd"], "csa or opdt"),
+    ("participant", ["--max-angle", "95"], "--max-angle"),
+    ("participant", ["--step-size", "0"], "--step-size"),
+    ("participant", ["--min-length", "30", "--max-length", "20"], "--max-length"),
+    ("participant", ["--seed-mask", "{tmp}/missing.nii.gz"], "--seed-mask"),
+    ("participant", ["--mem", "0"], "--mem"),
+    ("group", ["--tbss-target", "{tmp}/missing_FA.nii.gz"], "no such file"),
+    ("group", ["--tbss-target", "NoSuchTemplate"], "not available offline"),
+    ("group", ["--tbss-space", "NoSuchTemplate"], "not available offline"),
+    ("group", ["--stats-column", "nope"], "not in participants.tsv"),
+    ("group", ["--covariates", "age"], "--covariates needs --stats-column"),
+    ("group", ["--atlas", "{tmp}/missing.trx"], "--atlas"),
+    ("group", ["--atlas", "{bids}/participants.tsv"], "not a TRX"),
+    ("group", ["--ot-blur", "0"], "--ot-blur"),
+    ("group", ["--seg-method", "nearest"], "invalid choice"),
+])
+def test_options_checked_before_any_work(demo_bids, tmp_path, level, args, words):
+    """Each mistake fails at the edge: exit 64 in under 2 seconds, one line, nothing written."""
+    import time
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path, bids=demo_bids) for a in args]
+    t0 = time.perf_counter()
+    proc = run_cli(demo_bids, out, level, *args, "--skip-bids-validation",
+                   env={"TRACTOSCALE_ALLOW_CUDASIM": "0"})
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 64, proc.stderr
+    assert words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert seconds < 2.0, seconds
+    assert not out.exists()

@@ -55,7 +55,7 @@ def test_bad_scheduler_is_a_usage_error(tmp_path):
 def _tbss(bids, out, executor):
     args = tbss_args("--tbss-quick")
     return run_tbss(bids_dir=bids, output_dir=out, participants=[{"sub": s} for s in ("01", "02", "03", "07")],
-                    args=args, executor=executor)
+                    options=args, executor=executor, progress=False)
 
 
 def _copy(cohort, dst):
@@ -65,6 +65,7 @@ def _copy(cohort, dst):
     return dst / "bids", dst / "out"
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_matches_local_pool(tmp_path, tbss_cohort):
     distributed = pytest.importorskip("distributed")
     cohort = tbss_cohort

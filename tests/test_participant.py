@@ -81,8 +81,10 @@ def test_patient_effect_visible_in_fa(participant_run, demo_bids):
     assert medians["patient"] < medians["control"] - 0.05
 
 
-def test_rerun_skips_then_force_recomputes(participant_run, demo_bids):
-    out, _ = participant_run
+def test_rerun_skips_then_force_recomputes(participant_run, demo_bids, tmp_path):
+    import shutil
+    out = tmp_path / "deriv"
+    shutil.copytree(participant_run[0], out)   # tests never change shared fixtures
     fa = out / "sub-01" / "dwi" / "sub-01_model-tensor_param-fa_dwimap.nii.gz"
     before = fa.stat().st_mtime_ns
     proc = run_cli(demo_bids, out, "participant", "--participant-label", "01", "--odf-model", "csa",

@@ -145,7 +145,7 @@ from numba.cuda.cudadrv import nvvm
 if not nvvm.is_available():
     print("NO-NVVM")
     sys.exit(0)
-for cpu_k, gpu_k in zip(sinkhorn._kernels("cpu"), sinkhorn._build_cuda()):
+for cpu_k, gpu_k in zip(sinkhorn._kernels("cpu"), sinkhorn._kernels("cuda")):
     ptx, _ = cuda.compile_ptx(gpu_k.py_func, cpu_k.signatures[0], cc=(9, 0))
     assert ".target sm_90" in ptx and ".visible .entry" in ptx
     print("PTX", gpu_k.py_func.__name__, len(ptx))

@@ -38,7 +38,7 @@ def run1(cohort, tmp_path_factory):
     shutil.copytree(out_src, out)
     args = tbss_args("--stats-column", "group", "--n-permutations", str(N_PERM), "--tbss-quick")
     with make_executor(2) as ex:
-        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, args=args, executor=ex)
+        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, options=args, executor=ex, progress=False)
     return bids, out, meta, res
 
 
@@ -129,8 +129,16 @@ def test_outputs_and_sidecars(run1):
     assert len(xfms) == 20 and "sub-01_from-native_to-tbss_mode-image_xfm.nii.gz" in xfms
 
 
-def test_shuffled_labels_find_nothing_and_reuse_registrations(run1, caplog):
-    bids, out, _, _ = run1
+def _copy_run(run1, tmp_path):
+    """A private copy of the shared run (tests never change shared fixtures)."""
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(run1[0], bids)
+    shutil.copytree(run1[1], out)
+    return bids, out
+
+
+def test_shuffled_labels_find_nothing_and_reuse_registrations(run1, caplog, tmp_path):
+    bids, out = _copy_run(run1, tmp_path)
     # balanced shuffle: each pseudo-group holds 2-3 patients, so no true difference
     lines = (bids / "participants.tsv").read_text().splitlines()
     shuffled = ["A", "B", "A", "B", "A", "B", "A", "B", "B", "A"]
@@ -140,7 +148,7 @@ def test_shuffled_labels_find_nothing_and_reuse_registrations(run1, caplog):
     before = xfm.stat().st_mtime_ns
     args = tbss_args("--stats-column", "shuffled", "--n-permutations", str(N_PERM), "--tbss-quick")
     with caplog.at_level(logging.INFO), make_executor(1) as ex:
-        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, args=args, executor=ex)
+        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, options=args, executor=ex, progress=False)
     assert "registrations: 0 to run, 10 reused" in caplog.text
     assert "pair tasks to run" not in caplog.text          # target scores reused too
     assert xfm.stat().st_mtime_ns == before
@@ -150,8 +158,8 @@ def test_shuffled_labels_find_nothing_and_reuse_registrations(run1, caplog):
     assert not _sig(out, "fa", "AGTB").any() and not _sig(out, "fa", "BGTA").any()
 
 
-def test_rerun_redoes_only_missing_registrations(run1, caplog):
-    bids, out, _, _ = run1
+def test_rerun_redoes_only_missing_registrations(run1, caplog, tmp_path):
+    bids, out = _copy_run(run1, tmp_path)
     xdir = out / "group/tbss/xfm"
     gone = xdir / "sub-07_from-tbss_to-native_mode-image_xfm.nii.gz"
     gone.unlink()
@@ -159,7 +167,7 @@ def test_rerun_redoes_only_missing_registrations(run1, caplog):
     before = kept.stat().st_mtime_ns
     args = tbss_args("--tbss-quick")
     with caplog.at_level(logging.INFO), make_executor(1) as ex:
-        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, args=args, executor=ex)
+        res = run_tbss(bids_dir=bids, output_dir=out, participants=None, options=args, executor=ex, progress=False)
     assert "registrations: 1 to run, 9 reused" in caplog.text
     assert "coarse all-to-all" not in caplog.text.replace("TBSS target (coarse all-to-all)", "")
     assert gone.exists() and kept.stat().st_mtime_ns == before
@@ -170,17 +178,17 @@ def test_user_errors(run1, tmp_path):
     bids, out, _, _ = run1
     with make_executor(1) as ex:
         with pytest.raises(UsageError, match="not in participants.tsv"):
-            run_tbss(bids_dir=bids, output_dir=out, participants=None, args=tbss_args("--stats-column", "nope"),
-                     executor=ex)
+            run_tbss(bids_dir=bids, output_dir=out, participants=None, options=tbss_args("--stats-column", "nope"),
+                     executor=ex, progress=False)
         with pytest.raises(NoInputError, match="at least 2"):
             run_tbss(bids_dir=bids, output_dir=out, participants=[{"sub": "01"}, {"sub": "77"}],
-                     args=tbss_args(), executor=ex)
+                     options=tbss_args(), executor=ex, progress=False)
         with pytest.raises(UsageError, match="covariates needs"):
-            run_tbss(bids_dir=bids, output_dir=out, participants=None, args=tbss_args("--covariates", "age"),
-                     executor=ex)
+            run_tbss(bids_dir=bids, output_dir=out, participants=None, options=tbss_args("--covariates", "age"),
+                     executor=ex, progress=False)
         with pytest.raises(NoInputError, match="no such file"):
             run_tbss(bids_dir=bids, output_dir=out, participants=None,
-                     args=tbss_args("--tbss-target", str(tmp_path / "missing_FA.nii.gz")), executor=ex)
+                     options=tbss_args("--tbss-target", str(tmp_path / "missing_FA.nii.gz")), executor=ex, progress=False)
         with pytest.raises(UsageError, match="not available offline"):
             run_tbss(bids_dir=bids, output_dir=out, participants=None,
-                     args=tbss_args("--tbss-target", "NoSuchTemplate"), executor=ex)
+                     options=tbss_args("--tbss-target", "NoSuchTemplate"), executor=ex, progress=False)

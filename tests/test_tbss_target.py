@@ -99,7 +99,7 @@ def test_template_target_and_space(mode, cohort, local_templateflow, monkeypatch
     argv = ["--tbss-target", "Phantom"] if mode == "target" else ["--tbss-space", "Phantom"]
     with make_executor(2) as ex:
         res = run_tbss(bids_dir=bids, output_dir=out, participants=[{"sub": s} for s in labels],
-                       args=tbss_args(*argv, "--tbss-quick"), executor=ex)
+                       options=tbss_args(*argv, "--tbss-quick"), executor=ex, progress=False)
     assert res["space"] == "Phantom"
     d = out / "group" / "tbss"
     assert (d / "space-Phantom_model-tensor_param-fa_desc-skeleton_dwimap.nii.gz").exists()

@@ -1,29 +1,29 @@
 """Participant-level tracking on the demo phantom: options, TRX output, DIPY comparison, geometry."""
-import argparse
 import json
 
 import numpy as np
 import pytest
 
+from bids_app.config import Tracking
 from bids_app.errors import InputDataError, UsageError
-from bids_app.tracking import ALGORITHM_NAMES, TrackingOptions, add_arguments, track_subject
+from bids_app.tracking import RunMaps, track_run
+from kernels.params import ALGORITHM_NAMES
 
 
 # ----------------------------------------------------------------------------- options
 def _parse(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(list(argv))
+    from conftest import group_options
+    return group_options(Tracking, *argv)
 
 
 def test_defaults_validate_and_describe():
-    opts = TrackingOptions.from_args(_parse())
-    assert opts.method == "prob" and opts.enabled and opts.extension == ".trx"
+    opts = _parse()
+    assert opts.algorithm == "prob" and opts.enabled and opts.extension == ".trx"
     params = opts.parameters()
     assert params["seeds_per_voxel"] == 1 and params["max_angle"] == 30.0
     json.dumps(params)  # JSON-able: the participant workflow compares it with the sidecar
     assert "chunk_size" not in params  # results do not depend on it
-    assert not TrackingOptions.from_args(_parse("--tracking", "none")).enabled
+    assert not _parse("--tracking", "none").enabled
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -44,7 +44,7 @@ def test_defaults_validate_and_describe():
 ])
 def test_bad_options_raise_usage_error(argv, match):
     with pytest.raises(UsageError, match=match):
-        TrackingOptions.from_args(_parse(*argv))
+        _parse(*argv)
 
 
 def test_seed_options_are_mutually_exclusive():
@@ -85,14 +85,17 @@ def oblique():
     return _subject("LPS", zooms=(2.5, 2.0, 3.0), oblique=(10.0, -15.0, 20.0))
 
 
+def _maps(s, odf_model="csa", tissue=None, **kw):
+    return RunMaps(affine=s["affine"], mask=s["mask"], fa=s["fa"], sh=s["sh"], sh_order=6, odf_model=odf_model,
+                   tissue=tissue, dwi=s["sub"].dwi, gtab=s["gtab"], **kw)
+
+
 def _run(s, tmp_path, name="sub-01_track-prob_tractogram.trx", device="cpu", tissue=None, **kw):
-    opts = TrackingOptions(progress=False, **kw)
-    opts.validate()
+    if "method" in kw:
+        kw["algorithm"] = kw.pop("method")
     out = tmp_path / name
-    stats = track_subject(opts, dwi=s["sub"].dwi, gtab=s["gtab"], affine=s["affine"], mask=s["mask"],
-                          fa=s["fa"], sh=s["sh"], sh_order=6, odf_model="csa", gfa=None,
-                          tissue=tissue, out_path=out,
-                          sidecar_extra={"Sources": ["bids:raw:x"]}, device=device)
+    stats = track_run(Tracking(**kw), _maps(s, tissue=tissue), out, device=device, progress=False,
+                      sidecar={"Sources": ["bids:raw:x"]})
     return out, stats
 
 
@@ -249,9 +252,8 @@ def test_deterministic_follows_bundles(ras, tmp_path):
 
 def test_bad_inputs(ras, tmp_path):
     with pytest.raises(InputDataError, match="empty"):
-        track_subject(TrackingOptions(progress=False), dwi=None, gtab=None, affine=ras["affine"],
-                      mask=ras["mask"], fa=np.zeros_like(ras["fa"]), sh=ras["sh"], sh_order=6,
-                      odf_model="csa", out_path=tmp_path / "x.trx", device="cpu")
+        track_run(Tracking(), _maps({**ras, "fa": np.zeros_like(ras["fa"])}), tmp_path / "x.trx", device="cpu",
+                  progress=False)
     with pytest.raises(InputDataError, match="WM/GM/CSF"):
         _run(ras, tmp_path, "y.trx", stop_method="act")
     assert not (tmp_path / "x.trx").exists() and not (tmp_path / "y.trx").exists()
@@ -275,10 +277,8 @@ def test_ptt_and_bootstrap_follow_bundles(ras, tmp_path):
         side = json.loads(out.with_suffix(".json").read_text())
         assert side["StreamlinePropagation"]["Algorithm"] == ALGORITHM_NAMES[method]
     with pytest.raises(UsageError, match="csa or opdt"):
-        opts = TrackingOptions(method="boot", progress=False)
-        track_subject(opts, dwi=ras["sub"].dwi, gtab=ras["gtab"], affine=ras["affine"],
-                      mask=ras["mask"], fa=ras["fa"], sh=ras["sh"], sh_order=6, odf_model="csd",
-                      out_path=tmp_path / "b.trx", device="cpu")
+        track_run(Tracking(algorithm="boot"), _maps(ras, odf_model="csd"), tmp_path / "b.trx", device="cpu",
+                  progress=False)
 
 
 def _tissue_terms(s):
@@ -317,7 +317,7 @@ def test_interface_seeding_and_empty_tractogram(ras, tmp_path):
     from bids_app.tracking import seed_region
     from bids_app.trx_writer import TrxStreamWriter
     tis = ras["sub"].tissue
-    opts = TrackingOptions(seeding="interface")
+    opts = Tracking(seeding="interface")
     seeds, desc = seed_region(opts, mask=ras["mask"], fa=ras["fa"], tissue=tis,
                               affine=ras["affine"])
     wm = (tis["WM"] > 0.5) & ras["mask"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels.engine import MaskSeeder, PointSeeder, TrackParams, Tracker, prepare, track_all
+from kernels.engine import MaskSeeder, PointSeeder, TrackParams, Tracker, bootstrap_arrays, prepare, track_all
+from kernels.frames import sh_order_from_ncoef
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,9 @@ def _prob_run(chunk, algo="prob", odf_mode="sf", rng_seed=3, sphere="repulsion72
     extra = {}
     if algo == "boot":
         dwi, gtab = _crossing_dwi()
-        extra = dict(dwi=dwi, gtab=gtab, odf_model="csa")
+        dw = ~gtab.b0s_mask
+        extra = dict(bootstrap=bootstrap_arrays(dwi[..., dw], dwi[..., ~dw].mean(-1), gtab.bvecs[dw],
+                                                sh_order_from_ncoef(sh.shape[-1]), "csa", smooth=0.006))
     data = prepare(sh=sh, affine=np.diag([2.0, 1.5, 2.0, 1.0]), params=p, stop_map=fa,
                    odf_mode=odf_mode, sphere=sphere, **extra)
     seeder = MaskSeeder(fa > 0.2, n_seeds=n, rng_seed=5)
@@ -325,12 +328,12 @@ _LOWER_SCRIPT = textwrap.dedent("""
     sig = (A(t.float64, 2), t.int64, A(t.float32, 4), A(t.float32, 2), A(t.float64, 2),
            A(t.int32, 2), A(t.float32, 4), A(t.float64, 2), A(t.float64, 1), A(t.int64, 1),
            A(t.float32, 4), A(t.float64, 2), A(t.float32, 3), A(t.int32, 1))
-    res = compile_cuda(ct._track_kernel.py_func, t.void, sig, cc=(9, 0))
+    res = compile_cuda(ct.track_kernel.py_func, t.void, sig, cc=(9, 0))
     from numba import cuda
     from numba.cuda.cudadrv import nvvm
     ptx = ""
     if nvvm.is_available():   # NVVM (from the numba-cuda[cu12] wheels) turns the IR into PTX for an H100
-        ptx, _ = cuda.compile_ptx(ct._track_kernel.py_func, sig, cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(ct.track_kernel.py_func, sig, cc=(9, 0))
     open({ptx_path!r}, "w").write(ptx)
     print("IR", len(res.library.get_llvm_str()))
 """)
@@ -367,21 +370,21 @@ def test_cuda_kernel_compiles_for_a_real_gpu_target(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert asm.returncode == 0, asm.stderr[-3000:]
     # the kernel's own "Function properties" block, not those of helpers such as the trig slow path
-    kernel_info = asm.stderr.split("_track_kernel")[-1].split("Function properties for")[0]
+    kernel_info = asm.stderr.split("track_chunk_cuda")[-1].split("Function properties for")[0]
     assert "bytes stack frame" in kernel_info and " 0 bytes spill stores" in kernel_info, asm.stderr[-2000:]
 
 
 def test_select_device(monkeypatch):
-    from bids_app.errors import UsageError
     from kernels import device
+    from kernels.errors import DeviceError, ParameterError
     assert device.select_device("cpu") == "cpu"
-    with pytest.raises(UsageError):
+    with pytest.raises(ParameterError):
         device.select_device("tpu")
     monkeypatch.delenv("TRACTOSCALE_ALLOW_CUDASIM", raising=False)
     if device.real_gpu_available():
         pytest.skip("a real GPU is present")
     assert device.select_device("auto") == "cpu"
-    with pytest.raises(UsageError, match="cuda"):
+    with pytest.raises(DeviceError, match="CUDA"):
         device.select_device("cuda")
     if device.cudasim_enabled():
         monkeypatch.setenv("TRACTOSCALE_ALLOW_CUDASIM", "1")

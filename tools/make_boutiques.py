@@ -51,8 +51,13 @@ def primary_flag(action: argparse.Action) -> str:
     return (longs or action.option_strings)[0]
 
 
+def input_id(action: argparse.Action) -> str:
+    """``--tracking`` -> ``tracking``: ids and value keys follow the flags users type."""
+    return primary_flag(action).lstrip("-").replace("-", "_") if action.option_strings else action.dest
+
+
 def value_key(action: argparse.Action) -> str:
-    return f"[{action.dest.upper()}]"
+    return f"[{input_id(action).upper()}]"
 
 
 def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
@@ -66,7 +71,7 @@ def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 
 def _name(action: argparse.Action) -> str:
-    return action.dest.replace("_", " ").capitalize()
+    return input_id(action).replace("_", " ").capitalize()
 
 
 def _json_value(value):
@@ -81,14 +86,14 @@ def _type(action: argparse.Action) -> dict:
         return {"type": "Number", "integer": True}
     if action.type is float:
         return {"type": "Number"}
-    if action.type is Path and action.dest not in CREATED_PATHS:
+    if action.type is Path and input_id(action) not in CREATED_PATHS:
         return {"type": "File"}
     return {"type": "String"}
 
 
 def _input(parser: argparse.ArgumentParser, action: argparse.Action) -> dict:
     """One Boutiques input for one optional argparse action."""
-    entry = {"id": action.dest, "name": _name(action), **_type(action),
+    entry = {"id": input_id(action), "name": _name(action), **_type(action),
              "description": _help(parser, action), "value-key": value_key(action),
              "command-line-flag": primary_flag(action), "optional": True}
     if entry["type"] == "Flag":
@@ -140,7 +145,7 @@ def build_descriptor(parser: argparse.ArgumentParser | None = None, version: str
     positionals = [a for a in actions if not a.option_strings]
     optionals = [a for a in actions if a.option_strings]
     order = {"participant_label": 0, "session_label": 1}  # right after the positionals (bosh --bids)
-    optionals.sort(key=lambda a: order.get(a.dest, 2))  # stable: parser order otherwise
+    optionals.sort(key=lambda a: order.get(input_id(a), 2))  # stable: parser order otherwise
 
     inputs = [inp for a in positionals for inp in _positional(parser, a, LEVELS)]
     inputs += [_input(parser, a) for a in optionals]
@@ -150,7 +155,7 @@ def build_descriptor(parser: argparse.ArgumentParser | None = None, version: str
                "members": ["output_dir", "output_dir_existing"],
                "mutually-exclusive": True, "one-is-required": True}]
     for i, group in enumerate(parser._mutually_exclusive_groups):
-        members = [a.dest for a in group._group_actions if a in optionals]
+        members = [input_id(a) for a in group._group_actions if a in optionals]
         if len(members) > 1:
             groups.append({"id": f"exclusive_{i}", "name": f"One of {', '.join(members)}",
                            "members": members, "mutually-exclusive": True,

@@ -1,6 +1,6 @@
 """Demo dataset: a white-matter phantom with ground truth, simulated as a BIDS raw dataset."""
-from .phantom import BUNDLES, BUNDLE_DESCRIPTIONS, geometry, template_trajectories
-from .simulate import (SubjectSim, Warp, demo_grid, make_gradients, simulate_subject)
+from .phantom import BUNDLE_DESCRIPTIONS, BUNDLES, geometry, template_trajectories
+from .simulate import SubjectSim, Warp, demo_grid, make_gradients, simulate_subject
 
 __all__ = [
     "BUNDLES", "BUNDLE_DESCRIPTIONS", "SubjectSim", "Warp", "demo_grid", "geometry",

@@ -23,8 +23,18 @@ from ..errors import OutputError, UsageError
 from ..gradients import voxel_to_fsl_bvecs, write_bvals_bvecs
 from . import phantom
 from .phantom import BUNDLE_DESCRIPTIONS, BUNDLES
-from .simulate import (LAMBDA_PERP, PATIENT_BUNDLE, PATIENT_RD_FACTOR, Warp, bundle_masks,
-                       demo_grid, make_gradients, phantom_maps, simulate_subject, true_fa)
+from .simulate import (
+    LAMBDA_PERP,
+    PATIENT_BUNDLE,
+    PATIENT_RD_FACTOR,
+    Warp,
+    bundle_masks,
+    demo_grid,
+    make_gradients,
+    phantom_maps,
+    simulate_subject,
+    true_fa,
+)
 
 log = logging.getLogger(__name__)
 

@@ -83,9 +83,7 @@ def make_executor(nthreads: int | None = None, dask_scheduler: str | None = None
         finally:
             client.close()
         return
-    n = int(nthreads or os.cpu_count() or 1)
-    if n < 1:
-        raise UsageError("--nthreads must be >= 1")
+    n = max(1, int(nthreads or os.cpu_count() or 1))
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_limit_worker_threads) as ex:
         yield ex

@@ -1,20 +1,19 @@
-"""Group level: TBSS-style statistics on the FA maps, then atlas-based bundle
-segmentation and tract profiles on the tractograms.  Reads only what the
-participant level wrote into output_dir; work runs on one executor (a local
-process pool, or Dask when --dask-scheduler is given)."""
+"""Group level: TBSS-style statistics on the FA maps, then atlas-based bundle segmentation and tract
+profiles on the tractograms.  Reads only what the participant level wrote into output_dir; work
+runs on one executor (a local process pool, or Dask when --dask-scheduler is given)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..derivatives import TRACTOGRAM_FORMATS
+from ..config import TRACTOGRAM_FORMATS, Config
 from ..errors import NoInputError
 from .participant import prepare
 
 log = logging.getLogger("tractoscale.group")
 
 
-def _has_tractograms(output_dir: Path) -> bool:
+def has_tractograms(output_dir: Path) -> bool:
     """Any participant tractogram, in any format the participant level writes."""
     return any(any(Path(output_dir).glob(f"sub-*/**/dwi/*_tractogram.{fmt}")) for fmt in TRACTOGRAM_FORMATS)
 
@@ -31,28 +30,32 @@ def _summarise_tbss(result):
                  r.get("n_significant", 0))
 
 
-def run_group_level(args) -> int:
+def run_group_level(config: Config) -> int:
     from ..group import bundles, tbss
     from ..group.executor import make_executor
 
-    prepare(args)
-    if not any(Path(args.output_dir).glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
-        raise NoInputError(f"no participant outputs (FA maps) in {args.output_dir}: "
-                           "run the participant level first")
-    participants = [{"sub": s} for s in args.participant_label] if args.participant_label else None
-    with make_executor(args.nthreads, getattr(args, "dask_scheduler", None)) as executor:
-        result = tbss.run_tbss(bids_dir=args.bids_dir, output_dir=args.output_dir,
-                               participants=participants, args=args, executor=executor)
+    prepare(config)
+    out = config.output_dir
+    if not any(Path(out).glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
+        raise NoInputError(f"no participant outputs (FA maps) in {out}: run the participant level first")
+    labels = config.selection.participant_label
+    participants = [{"sub": s} for s in labels] if labels else None
+    sessions = config.selection.session_label
+    progress = config.execution.progress
+    with make_executor(config.resources.nthreads, config.resources.dask_scheduler) as executor:
+        result = tbss.run_tbss(bids_dir=config.bids_dir, output_dir=out, participants=participants,
+                               options=config.tbss, executor=executor, sessions=sessions, progress=progress)
         _summarise_tbss(result)
-        if getattr(args, "skip_segmentation", False):
+        if config.segmentation.skip_segmentation:
             pass
-        elif _has_tractograms(args.output_dir):
-            seg = bundles.run_segmentation(bids_dir=args.bids_dir, output_dir=args.output_dir,
-                                           participants=participants, args=args, executor=executor)
-            counts = seg.get("counts", {}) if isinstance(seg, dict) else {}
-            log.info("segmentation: %d participant run(s); profiles in %s", len(counts),
-                     seg.get("profiles") if isinstance(seg, dict) else "?")
+        elif has_tractograms(out):
+            seg = bundles.run_segmentation(bids_dir=config.bids_dir, output_dir=out, participants=participants,
+                                           options=config.segmentation, executor=executor,
+                                           device=config.resources.device, sessions=sessions,
+                                           force=config.execution.force, progress=progress)
+            log.info("segmentation: %d participant run(s); profiles in %s", len(seg.get("counts", {})),
+                     seg.get("profiles"))
         else:
-            log.warning("no tractograms in %s: bundle segmentation skipped", args.output_dir)
-    print(f"group level done; outputs in {Path(args.output_dir) / 'group'}")
+            log.warning("no tractograms in %s: bundle segmentation skipped", out)
+    print(f"group level done; outputs in {Path(out) / 'group'}")
     return 0

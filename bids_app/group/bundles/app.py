@@ -13,69 +13,34 @@ import numpy as np
 import pandas as pd
 
 from ... import __version__
+from ...config import OT_REACH, OT_REACH_DEMO, SEG_TRACKS, Segmentation
 from ...derivatives import TENSOR_SCALARS, TRACTOGRAM_FORMATS, parse_entities, run_label, sidecar_path, tensor_map_path
-from ...errors import InputDataError, NoInputError, NoMatchError, UsageError
+from ...errors import InputDataError, NoInputError, NoMatchError
+from ...stages import Stage
 from . import outputs
 from .atlas import DEMO_ATLAS, find_atlas, load_atlas
 from .fibres import orient_to, resample
 from .ot import OTParams
-from .segment import METHODS, segment
-from .space import MODES, to_atlas_space
+from .segment import segment
+from .space import to_atlas_space
 
 log = logging.getLogger(__name__)
 
-TRACK_ORDER = ("prob", "ptt", "det", "boot")
+TRACK_ORDER = SEG_TRACKS
 TRACTOGRAM_EXTENSIONS = tuple(f".{f}" for f in TRACTOGRAM_FORMATS)
 SCALARS = TENSOR_SCALARS
-DEFAULT_REACH = 20.0
-DEMO_REACH = 5.0   # the demo phantom is about half the size of a human brain, at 2.5 mm voxels
 
 
 # --------------------------------------------------------------------------- options
 
-def seg_options(args) -> dict:
-    """Validated segmentation options from the parsed arguments (plain dict, picklable)."""
-    def opt(name, default=None):
-        v = getattr(args, name, None)
-        return default if v is None else v
-
-    o = {
-        "method": opt("seg_method", "ot"),
-        "transform": opt("seg_transform", "auto"),
-        "track": opt("seg_track", "auto"),
-        "blur": float(opt("ot_blur", 3.0)),
-        "reach": opt("ot_reach"),
-        "scaling": float(opt("ot_scaling", 0.9)),
-        "outlier_level": float(opt("ot_outlier_level", 0.2)),
-        "clusters": opt("ot_clusters"),
-        "atlas_max": opt("atlas_max_fibres"),
-        "nodes": int(opt("n_profile_nodes", 100)),
-        "device": opt("device", "auto"),
-        "force": bool(opt("force", False)),
-        "atlas_space": opt("atlas_space"),
-        "fragments": not bool(opt("no_atlas_fragments", False)),
-    }
-    if o["method"] not in METHODS:
-        raise UsageError(f"--seg-method must be one of {', '.join(METHODS)}")
-    if o["transform"] not in MODES:
-        raise UsageError(f"--seg-transform must be one of {', '.join(MODES)}")
-    if o["track"] != "auto" and o["track"] not in TRACK_ORDER:
-        raise UsageError(f"--seg-track must be auto or one of {', '.join(TRACK_ORDER)}")
-    if not o["blur"] > 0:
-        raise UsageError("--ot-blur must be > 0 (mm)")
-    if o["reach"] is not None and not float(o["reach"]) > 0:
-        raise UsageError("--ot-reach must be > 0 (mm)")
-    if not 0 < o["scaling"] < 1:
-        raise UsageError("--ot-scaling must be between 0 and 1")
-    if not 0 <= o["outlier_level"] < 1:
-        raise UsageError("--ot-outlier-level must be in [0, 1)")
-    if o["clusters"] is not None and int(o["clusters"]) < 1:
-        raise UsageError("--ot-clusters must be >= 1")
-    if o["atlas_max"] is not None and int(o["atlas_max"]) < 1:
-        raise UsageError("--atlas-max-fibres must be >= 1")
-    if o["nodes"] < 2:
-        raise UsageError("--n-profile-nodes must be >= 2")
-    return o
+def default_reach(options: Segmentation, atlas_path: Path) -> float:
+    """``--ot-reach``, or its default for this atlas (the demo phantom is half brain size)."""
+    if options.ot_reach is not None:
+        return float(options.ot_reach)
+    if Path(atlas_path).name == DEMO_ATLAS.name:
+        log.info("demo atlas: --ot-reach defaults to %.0f mm (phantom scale)", OT_REACH_DEMO)
+        return OT_REACH_DEMO
+    return OT_REACH
 
 
 def _atlas_space(path: Path, given: str | None) -> str | None:
@@ -159,40 +124,59 @@ def load_streamlines(path: Path):
 
 # --------------------------------------------------------------------------- one participant
 
-def _params_record(opts: dict, atlas_path: str, atlas_space) -> dict:
-    return {"Method": opts["method"], "Atlas": str(atlas_path), "AtlasSpace": atlas_space,
-            "Transform": opts["transform"], "Blur": opts["blur"], "Reach": opts["reach"],
-            "Scaling": opts["scaling"], "OutlierLevel": opts["outlier_level"],
-            "Clusters": opts["clusters"], "AtlasMaxFibresPerBundle": opts["atlas_max"],
-            "AtlasFragments": opts["fragments"], "ProfileNodes": opts["nodes"], "Version": __version__}
+def _params_record(options: Segmentation, reach: float, atlas_path: str, atlas_space) -> dict:
+    return {"Method": options.seg_method, "Atlas": str(atlas_path), "AtlasSpace": atlas_space,
+            "Transform": options.seg_transform, "Blur": options.ot_blur, "Reach": reach,
+            "Scaling": options.ot_scaling, "OutlierLevel": options.ot_outlier_level,
+            "Clusters": options.ot_clusters, "AtlasMaxFibresPerBundle": options.atlas_max_fibres,
+            "AtlasFragments": options.fragments, "ProfileNodes": options.n_profile_nodes, "Version": __version__}
 
 
-def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str) -> dict:
+def participant_stage(job: dict, options: Segmentation, reach: float, atlas_path: str, output_dir: Path,
+                      names) -> Stage:
+    """The stage of one participant's segmentation: its outputs, parameters and input files (the
+    tractogram, the tensor maps, the atlas and the participant's TBSS transforms)."""
+    from ..transforms import xfm_dir
+    ents = job["entities"]
+    paths = outputs.participant_paths(output_dir, ents, job["track"], names)
+    xfms = sorted(xfm_dir(output_dir).glob(f"{run_label(ents)}_from-*_xfm.nii.gz")) \
+        if options.seg_transform in ("auto", "tbss") else []
+    record = _params_record(options, reach, atlas_path, _atlas_space(Path(atlas_path), options.atlas_space))
+    return Stage(f"{run_label(ents)}_track-{job['track']}_bundles",
+                 outputs=(paths["bundles"], sidecar_path(paths["bundles"]), paths["profiles"], paths["counts"]),
+                 params={**{k: v for k, v in record.items() if k != "Version"}, "Atlas": Path(atlas_path).name},
+                 files=(job["tractogram"], *job["maps"].values(), atlas_path, *xfms))
+
+
+def segment_participant(job: dict, options: Segmentation, reach: float, atlas_path: str, output_dir: str,
+                        device: str, stage: Stage) -> dict:
     """Segment one participant's tractogram and write its outputs (an executor task)."""
+    with stage.running():
+        return _segment(job, options, reach, atlas_path, Path(output_dir), device)
+
+
+def _segment(job: dict, options: Segmentation, reach: float, atlas_path: str, output_dir: Path,
+             device: str) -> dict:
     from kernels.device import select_device
     from kernels.sinkhorn import get_backend
 
     t0 = time.perf_counter()
-    output_dir = Path(output_dir)
     ents = job["entities"]
-    atlas_space = _atlas_space(Path(atlas_path), opts["atlas_space"])
-    record = _params_record(opts, atlas_path, atlas_space)
-    atlas = load_atlas(atlas_path, max_per_bundle=opts["atlas_max"])
+    atlas_space = _atlas_space(Path(atlas_path), options.atlas_space)
+    record = _params_record(options, reach, atlas_path, atlas_space)
+    atlas = load_atlas(atlas_path, max_per_bundle=options.atlas_max_fibres)
     paths = outputs.participant_paths(output_dir, ents, job["track"], atlas.names)
-    cached = _cached(paths, record, job, opts)
-    if cached is not None:
-        return cached
-    if opts["fragments"]:   # only when there is work: 10x the atlas fibres (same bundle names)
+    if options.fragments:   # 10x the atlas fibres (same bundle names)
         atlas = atlas.with_fragments()
 
     native = load_streamlines(Path(job["tractogram"]))
     common, mapping = to_atlas_space(native, atlas, output_dir=output_dir, entities=ents,
-                                     mode=opts["transform"], atlas_space=atlas_space)
-    backend = get_backend(select_device(opts["device"]))
-    params = OTParams(blur=opts["blur"], reach=opts["reach"], scaling=opts["scaling"],
-                      outlier_level=opts["outlier_level"], n_clusters=opts["clusters"])
+                                     mode=options.seg_transform, atlas_space=atlas_space)
+    backend = get_backend(select_device(device))
+    params = OTParams(blur=options.ot_blur, reach=reach, scaling=options.ot_scaling,
+                      outlier_level=options.ot_outlier_level, n_clusters=options.ot_clusters)
     pts = resample(common, atlas.npts) if len(common) else np.zeros((0, atlas.npts, 3))
-    seg = segment(common, atlas, opts["method"], params, backend, points=pts)
+    seg = segment(common, atlas, options.seg_method, params, backend, points=pts)
 
     # orientation of every labelled streamline against its atlas bundle's mean fibre
     flips = np.zeros(len(native), bool)
@@ -211,7 +195,7 @@ def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str)
 
     imgs = {s: nib.load(p) for s, p in job["maps"].items()}
     maps = {s: (np.asarray(img.dataobj, np.float64), img.affine) for s, img in imgs.items()}
-    rows = _profiles(native, seg, flips, maps, ents, opts["nodes"])
+    rows = _profiles(native, seg, flips, maps, ents, options.n_profile_nodes)
     scalars = [s for s in SCALARS if s in maps]
     prof = pd.DataFrame(rows, columns=list(outputs.PROFILE_COLUMNS) + scalars)
     outputs.write_tsv(paths["profiles"], prof,
@@ -233,25 +217,13 @@ def segment_participant(job: dict, opts: dict, atlas_path: str, output_dir: str)
             "stats": _jsonable(seg.stats), "cached": False}
 
 
-def _cached(paths, record, job, opts):
-    """The previous result if its outputs exist and were made with the same parameters."""
-    if opts["force"]:
-        return None
-    side = sidecar_path(paths["bundles"])
-    need = [paths["bundles"], side, paths["profiles"], paths["counts"]]
-    if not all(p.exists() for p in need):
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("SegmentationParameters") != json.loads(json.dumps(record)) or \
-            meta.get("Sources") != [job["tractogram"]]:
-        return None
-    prof = outputs.read_tsv(paths["profiles"])
+def _cached(stage: Stage, job: dict) -> dict:
+    """The result of a complete stage, read back from its outputs."""
+    bundles, side, profiles, counts = stage.outputs
+    meta = json.loads(side.read_text())
     log.info("%s: outputs up to date, reused", run_label(job["entities"]))
-    return {"entities": job["entities"], "counts": meta.get("Counts", {}), "profiles": prof,
-            "files": [str(p) for p in need], "stats": meta.get("Stats", {}), "cached": True}
+    return {"entities": job["entities"], "counts": meta.get("Counts", {}), "profiles": outputs.read_tsv(profiles),
+            "files": [str(p) for p in stage.outputs], "stats": meta.get("Stats", {}), "cached": True}
 
 
 def _write_bundles(paths, native, seg, flips, reference, sidecar) -> list:
@@ -320,38 +292,39 @@ def _groups(bids_dir: Path) -> dict:
             if isinstance(g, str)}
 
 
-def run_segmentation(*, bids_dir, output_dir, participants, args, executor) -> dict:
-    """Segment every selected participant and write the group tables and figures."""
-    opts = seg_options(args)
+def run_segmentation(*, bids_dir, output_dir, participants, options: Segmentation, executor,
+                     device: str = "auto", sessions=None, force: bool = False, progress: bool = True) -> dict:
+    """Segment every selected participant (one stage each) and write the group tables and figures."""
     output_dir = Path(output_dir)
-    atlas_path = find_atlas(bids_dir, getattr(args, "atlas", None))
-    demo_atlas = Path(atlas_path).name == DEMO_ATLAS.name
-    if opts["reach"] is None:
-        opts["reach"] = DEMO_REACH if demo_atlas else DEFAULT_REACH
-        if demo_atlas:
-            log.info("demo atlas: --ot-reach defaults to %.0f mm (phantom scale)", DEMO_REACH)
-    opts["reach"] = float(opts["reach"])
-    atlas = load_atlas(atlas_path, max_per_bundle=opts["atlas_max"])   # fail early on a bad atlas
-    jobs = find_tractograms(output_dir, participants, opts["track"], getattr(args, "session_label", None))
+    atlas_path = find_atlas(bids_dir, options.atlas)
+    reach = default_reach(options, atlas_path)
+    atlas = load_atlas(atlas_path, max_per_bundle=options.atlas_max_fibres)   # fail early on a bad atlas
+    jobs = find_tractograms(output_dir, participants, options.seg_track, sessions)
     log.info("bundle segmentation (%s) of %d participant run(s) with atlas %s (%d bundles)",
-             opts["method"], len(jobs), atlas_path, len(atlas.names))
-    calls = [((job, opts, str(atlas_path), str(output_dir)), {}) for job in jobs]
-    results = []
+             options.seg_method, len(jobs), atlas_path, len(atlas.names))
+    stages = [participant_stage(job, options, reach, str(atlas_path), output_dir, atlas.names) for job in jobs]
+    results = {i: _cached(st, job) for i, (st, job) in enumerate(zip(stages, jobs))
+               if not force and st.is_complete()}
+    todo = [i for i in range(len(jobs)) if i not in results]
+    calls = [((jobs[i], options, reach, str(atlas_path), str(output_dir), device, stages[i]), {}) for i in todo]
     if executor is None:
         from tqdm import tqdm
-        for args_, _ in tqdm(calls, desc="bundle segmentation", unit="participant", disable=None):
-            results.append(segment_participant(*args_))
+        for i, (args_, _) in zip(todo, tqdm(calls, desc="bundle segmentation", unit="participant",
+                                            disable=None if progress else True)):
+            results[i] = segment_participant(*args_)
     else:
         from ..executor import run_tasks
-        done = dict(run_tasks(executor, segment_participant, calls, desc="bundle segmentation"))
-        results = [done[i] for i in range(len(calls))]
+        for k, res in run_tasks(executor, segment_participant, calls, desc="bundle segmentation",
+                                disable_progress=None if progress else True):
+            results[todo[k]] = res
+    results = [results[i] for i in range(len(jobs))]
 
     gdir = outputs.group_dir(output_dir)
     prof = pd.concat([r["profiles"] for r in results], ignore_index=True)
     table = outputs.update_group_table(gdir / "tract_profiles.tsv", prof)
     scalars = [s for s in SCALARS if s in table.columns]
     from ...derivatives import write_json
-    record = _params_record(opts, str(atlas_path), _atlas_space(atlas_path, opts["atlas_space"]))
+    record = _params_record(options, reach, str(atlas_path), _atlas_space(atlas_path, options.atlas_space))
     write_json(gdir / "tract_profiles.json", {**outputs.profile_sidecar(scalars),
                                               "SegmentationParameters": record})
     counts = pd.concat([_counts_table(r["counts"], r["entities"]) for r in results], ignore_index=True)
@@ -364,7 +337,7 @@ def run_segmentation(*, bids_dir, output_dir, participants, args, executor) -> d
         sub = table[table["tract"] == name]
         figs.append(str(plot_profiles(sub, name, gdir / "figures" / f"tract-{outputs.tract_label(name)}"
                                       "_profiles.png", groups, scalars)))
-    return {"participants": len(results), "atlas": str(atlas_path), "method": opts["method"],
+    return {"participants": len(results), "atlas": str(atlas_path), "method": options.seg_method,
             "counts": {run_label(r["entities"]): r["counts"] for r in results},
             "profiles": str(gdir / "tract_profiles.tsv"), "figures": figs,
             "reused": sum(bool(r.get("cached")) for r in results)}

@@ -144,6 +144,28 @@ def load_atlas(path: Path | str, npts: int = N_POINTS, max_per_bundle: int | Non
     return atlas
 
 
+def atlas_problem(path: Path | str) -> str | None:
+    """Why ``path`` cannot be a bundle atlas (a TRX whose groups are bundles), or None; reads only
+    the archive's table of contents, so it is instant even on a large atlas."""
+    import zipfile
+    path = Path(path)
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():                                   # an unpacked TRX
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    else:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"is not a TRX file ({exc})"
+    if "header.json" not in names:
+        return "is not a TRX file (no header.json)"
+    if not any(n.startswith("groups/") and not n.endswith("/") for n in names):
+        return "has no groups: its groups must be the bundle labels"
+    return None
+
+
 def find_atlas(bids_dir: Path | str, atlas: Path | str | None) -> Path:
     """``--atlas`` if given, else the demo dataset's own atlas; NoInputError otherwise."""
     if atlas:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...config import SEG_METHODS
 from .atlas import Atlas
 from .fibres import N_POINTS, arc_lengths, as_sequence, resample, to_vectors
 from .ot import OTParams, transport_labels
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ot", "centroid")
+METHODS = SEG_METHODS
 
 
 @dataclass

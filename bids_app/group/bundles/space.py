@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from nibabel.streamlines import ArraySequence
 
+from ...config import SEG_TRANSFORMS
 from ...derivatives import RUN_ENTITIES
 from ...errors import NoInputError, UsageError
 from .align import apply_affine, register_tractograms
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "tbss", "affine", "none")
+MODES = SEG_TRANSFORMS
 
 
 @dataclass

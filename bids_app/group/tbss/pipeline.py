@@ -18,29 +18,26 @@ Outputs, all under ``output_dir/group/tbss/`` (``S`` = the common space label: t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ... import __version__
-from ...derivatives import atomic_write, bids_name, save_nifti, shared_lock, write_json
+from ...config import Tbss
+from ...derivatives import atomic_write, bids_name, save_nifti, shared_lock, sidecar_path, write_json
 from ...errors import UsageError
+from ...stages import Stage
 from ..executor import run_tasks
-from ..transforms import (grid_points, load_transform, read_transform_sidecar, sample_image, transform_paths,
-                          xfm_dir, xfm_name)
+from ..transforms import grid_points, load_transform, sample_image, transform_paths, xfm_dir, xfm_name
 from .collect import ParticipantMaps, collect_maps
-from .preprocess import file_hash, preprocess_fa
+from .preprocess import preprocess_fa
 from .register import identity_task, registration_task, settings, template_alignment_task
 from .skeleton import distance_map, project, skeletonise
 from .target import STUDY_SPACE, Target, resolve_target, templateflow_image
 
 log = logging.getLogger(__name__)
-
-
-def _opt(args, name, default=None):
-    v = getattr(args, name, default) if args is not None else default
-    return default if v is None else v
 
 
 def stat_name(entities: dict, contrast: str, stat: str, suffix: str = "statmap", ext: str = ".nii.gz") -> str:
@@ -61,59 +58,92 @@ def _sidecar(description: str, **extra) -> dict:
     return d
 
 
-def run(*, bids_dir, output_dir, participants: list[dict] | None, args, executor) -> dict:
+@dataclass
+class CommonSpace:
+    """Where every participant is registered to: the target, and optionally a template beyond it."""
+
+    target: Target
+    space: str                       # space label of the outputs
+    reference: dict                  # registration input {"path", "kind"} whose grid is the common grid
+    chain: dict | None = None        # target -> template transforms, when --tbss-space is a template
+    chain_stage: Stage | None = None
+
+    @property
+    def grid(self) -> tuple[tuple, np.ndarray]:
+        img = nib.load(str(self.reference["path"]))
+        return img.shape[:3], img.affine.astype(float)
+
+
+@dataclass
+class SkeletonData:
+    mask: np.ndarray                 # every registered FA > 0
+    mean_fa: np.ndarray
+    skeleton: np.ndarray
+    distance: np.ndarray
+    voxels: np.ndarray               # (n, 3) skeleton voxels
+    values: dict                     # scalar -> (participants, n) projected values
+
+
+def run(*, bids_dir, output_dir, participants: list[dict] | None, options: Tbss, executor,
+        sessions=None, progress: bool = True) -> dict:
+    """The TBSS step: collect -> design -> target -> register -> warp -> skeleton -> outputs -> stats."""
     bids_dir, output_dir = Path(bids_dir), Path(output_dir)
-    threshold = float(_opt(args, "skeleton_threshold", 0.2))
-    if not 0 <= threshold < 1:
-        raise UsageError("--skeleton-threshold must be in [0, 1)")
-    n_perm = int(_opt(args, "n_permutations", 5000))
-    if n_perm < 1:
-        raise UsageError("--n-permutations must be >= 1")
-    quick = bool(_opt(args, "tbss_quick", False))
-    progress = True if _opt(args, "no_progress", False) else None
-    column = _opt(args, "stats_column")
-    covariates = _opt(args, "covariates", []) or []
-    if covariates and not column:
-        raise UsageError("--covariates needs --stats-column")
     tbss_dir = output_dir / "group" / "tbss"
-
+    disable = None if progress else True
     clock = _Clock()
-    found, scalars, problems = collect_maps(output_dir, participants, _opt(args, "session_label"))
+    found, scalars, problems = collect_maps(output_dir, participants, sessions)
     log.info("TBSS: %d participants (%s)", len(found), ", ".join(s.upper() for s in scalars))
-
     design = None
-    if column:  # validate the statistics request before hours of registration
+    if options.stats_column:  # validate the statistics request before hours of registration
         from .stats import build_design
-        design = build_design(bids_dir, [pm.participant_id for pm in found], column, covariates)
+        design = build_design(bids_dir, [pm.participant_id for pm in found], options.stats_column,
+                              list(options.covariates or []))
 
-    # --- target and common space -------------------------------------------------------------
-    target = resolve_target(_opt(args, "tbss_target", "auto"), found, executor,
-                            out_dir=tbss_dir, quick=quick, progress=progress)
-    space_opt = _opt(args, "tbss_space")
-    space = target.space
-    chain = None
-    reference = target.spec
-    if space_opt and space_opt != target.space:
-        from .target import median_voxel_size
-        tpl_path = templateflow_image(space_opt, median_voxel_size(found))
-        chain, reference = _align_target(target, tpl_path, space_opt, tbss_dir, executor, quick, progress)
-        space = space_opt
+    common = _common_space(found, options, tbss_dir, executor, disable)
     clock.lap("target selection")
-    common_img = nib.load(str(reference["path"]))
-    common_shape, common_affine = common_img.shape[:3], common_img.affine.astype(float)
-
-    # --- registrations -----------------------------------------------------------------------
-    _register_all(found, target, chain, space, output_dir, executor, quick, progress)
+    _register_all(found, common, output_dir, executor, options.tbss_quick, disable)
     clock.lap("registrations")
+    warped, qc = _warp_all(found, scalars, common, output_dir)
+    skel = _skeleton(warped, scalars, len(found), options.skeleton_threshold)
+    clock.lap("warping and skeleton")
 
-    # --- warp, mean, skeleton ----------------------------------------------------------------
-    ref_data = _load_reference(reference)
+    paths, summary, ents, common_desc = _write_outputs(found, scalars, problems, common, skel, warped["fa"], qc,
+                                                       tbss_dir, options.skeleton_threshold)
+    if design is not None:
+        shape, affine = common.grid
+        summary["stats"] = _run_stats(design, found, skel.values, scalars, skel.voxels, shape, affine,
+                                      tbss_dir, ents, options.n_permutations, options.permutation_seed,
+                                      disable, common_desc, paths)
+        clock.lap("statistics")
+    summary["timings_s"] = clock.laps
+    summary["outputs"] = {k: str(v) for k, v in paths.items()}
+    summary["output_dir"] = str(tbss_dir)
+    return summary
+
+
+def _common_space(found, options: Tbss, tbss_dir: Path, executor, disable) -> CommonSpace:
+    target = resolve_target(options.tbss_target, found, executor, out_dir=tbss_dir, quick=options.tbss_quick,
+                            disable_progress=disable)
+    space_opt = options.tbss_space
+    if not space_opt or space_opt == target.space:
+        return CommonSpace(target, target.space, target.spec)
+    from .target import median_voxel_size
+    tpl_path = templateflow_image(space_opt, median_voxel_size(found))
+    chain, stage = _align_target(target, tpl_path, space_opt, tbss_dir, executor, options.tbss_quick, disable)
+    return CommonSpace(target, space_opt, {"path": str(tpl_path), "kind": "template"}, chain, stage)
+
+
+def _warp_all(found, scalars, common: CommonSpace, output_dir: Path) -> tuple[dict, list]:
+    """Every participant's preprocessed FA and other maps in the common space, and the FA's
+    correlation with the reference before and after registration."""
+    shape, affine = common.grid
+    ref_data = _load_reference(common.reference)
     ref_mask = ref_data > 0
     warped = {s: [] for s in scalars}
     qc = []
-    common_pts = grid_points(common_shape, common_affine)
+    common_pts = grid_points(shape, affine)
     for pm in found:
-        xfm = load_transform(output_dir, pm.entities, space)
+        xfm = load_transform(output_dir, pm.entities, common.space)
         fa_img = nib.load(str(pm.paths["fa"]))
         fa_pre = preprocess_fa(np.asarray(fa_img.dataobj, np.float32))
         w = xfm.image_to_common(fa_pre, fa_img.affine)
@@ -123,7 +153,13 @@ def run(*, bids_dir, output_dir, participants: list[dict] | None, args, executor
         for s in scalars[1:]:
             img = nib.load(str(pm.paths[s]))
             warped[s].append(xfm.image_to_common(np.nan_to_num(np.asarray(img.dataobj, np.float32)), img.affine))
-    all_fa = np.stack(warped.pop("fa"), axis=-1)
+    warped["fa"] = np.stack(warped["fa"], axis=-1)
+    return warped, qc
+
+
+def _skeleton(warped: dict, scalars, n: int, threshold: float) -> SkeletonData:
+    """Mean FA, its skeleton and distance map, and every participant's maps projected onto it."""
+    all_fa = warped["fa"]
     mask = np.all(all_fa > 0, axis=-1)
     if mask.sum() < 27:
         raise UsageError("the registered FA maps share almost no brain voxels: check the inputs and target")
@@ -134,70 +170,60 @@ def run(*, bids_dir, output_dir, participants: list[dict] | None, args, executor
         raise UsageError(f"the skeleton is empty at --skeleton-threshold {threshold}: lower it")
     dist = distance_map(skel, mask)
     vox = np.argwhere(skel)
-    values = {s: np.empty((len(found), len(vox)), np.float32) for s in scalars}
-    for i in range(len(found)):
+    values = {s: np.empty((n, len(vox)), np.float32) for s in scalars}
+    for i in range(n):
         fa_vals, where = project(all_fa[..., i], vox, dirs, dist)
         values["fa"][i] = fa_vals
         for s in scalars[1:]:
             values[s][i] = warped[s][i].ravel()[where]
+    return SkeletonData(mask, mean_fa, skel, dist, vox, values)
 
-    clock.lap("warping and skeleton")
 
-    # --- outputs -----------------------------------------------------------------------------
+def _write_outputs(found, scalars, problems, common: CommonSpace, sk: SkeletonData, all_fa, qc, tbss_dir: Path,
+                   threshold: float):
+    """The common-space images, the skeleton table and the run summary."""
+    target, space = common.target, common.space
+    shape, affine = common.grid
     ents = {"space": space}
-    common_desc = _space_description(space, target, chain)
+    common_desc = _space_description(space, target, common.chain)
     src = [str(pm.paths["fa"]) for pm in found]
+    volumes = [pm.label for pm in found]
     tbss_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    paths["mean_fa"] = save_nifti(mean_fa, common_affine, tbss_dir / bids_name(
-        {**ents, "model": "tensor", "param": "fa", "desc": "mean"}, "dwimap", ".nii.gz"),
-        sidecar=_sidecar("Mean of the registered, preprocessed FA maps inside the all-subject mask.",
-                         Sources=src, **common_desc))
-    paths["all_fa"] = save_nifti(all_fa, common_affine, tbss_dir / bids_name(
-        {**ents, "model": "tensor", "param": "fa", "desc": "registered"}, "dwimap", ".nii.gz"),
-        sidecar=_sidecar("Registered preprocessed FA, one volume per participant (order of the skeleton "
-                         "table).", Volumes=[pm.label for pm in found], **common_desc))
-    paths["mask"] = save_nifti(mask.astype(np.uint8), common_affine, tbss_dir / bids_name(
-        {**ents, "desc": "brain"}, "mask", ".nii.gz"), dtype=np.uint8,
-        sidecar=_sidecar("Voxels where every registered FA is > 0.", **common_desc))
-    paths["skeleton"] = save_nifti(skel.astype(np.uint8), common_affine, tbss_dir / bids_name(
-        {**ents, "desc": "skeleton"}, "mask", ".nii.gz"), dtype=np.uint8,
-        sidecar=_sidecar("Mean-FA skeleton (non-maximum suppression across tracts), thresholded.",
-                         Threshold=threshold, **common_desc))
-    paths["distance"] = save_nifti(np.where(np.isfinite(dist), dist, 0), common_affine, tbss_dir / bids_name(
-        {**ents, "desc": "skeleton"}, "distmap", ".nii.gz"),
-        sidecar=_sidecar("Distance (voxels) to the nearest skeleton or non-brain voxel.", **common_desc))
+
+    def save(key, data, entities, suffix, description, dtype=np.float32, **extra):
+        paths[key] = save_nifti(data, affine, tbss_dir / bids_name({**ents, **entities}, suffix, ".nii.gz"),
+                                dtype=dtype, sidecar=_sidecar(description, **extra, **common_desc))
+
+    paths: dict = {}
+    save("mean_fa", sk.mean_fa, {"model": "tensor", "param": "fa", "desc": "mean"}, "dwimap",
+         "Mean of the registered, preprocessed FA maps inside the all-subject mask.", Sources=src)
+    save("all_fa", all_fa, {"model": "tensor", "param": "fa", "desc": "registered"}, "dwimap",
+         "Registered preprocessed FA, one volume per participant (order of the skeleton table).", Volumes=volumes)
+    save("mask", sk.mask.astype(np.uint8), {"desc": "brain"}, "mask", "Voxels where every registered FA is > 0.",
+         dtype=np.uint8)
+    save("skeleton", sk.skeleton.astype(np.uint8), {"desc": "skeleton"}, "mask",
+         "Mean-FA skeleton (non-maximum suppression across tracts), thresholded.", dtype=np.uint8,
+         Threshold=threshold)
+    save("distance", np.where(np.isfinite(sk.distance), sk.distance, 0), {"desc": "skeleton"}, "distmap",
+         "Distance (voxels) to the nearest skeleton or non-brain voxel.")
     for s in scalars:
-        vol = np.zeros(common_shape + (len(found),), np.float32)
-        vol[tuple(vox.T)] = values[s].T
-        paths[f"skeleton_{s}"] = save_nifti(vol, common_affine, tbss_dir / bids_name(
-            {**ents, "model": "tensor", "param": s, "desc": "skeleton"}, "dwimap", ".nii.gz"),
-            sidecar=_sidecar(f"{s.upper()} projected onto the skeleton"
-                             + (" (from the FA projection locations)" if s != "fa" else "")
-                             + ", one volume per participant.", Volumes=[pm.label for pm in found],
-                             **common_desc))
+        vol = np.zeros(shape + (len(found),), np.float32)
+        vol[tuple(sk.voxels.T)] = sk.values[s].T
+        save(f"skeleton_{s}", vol, {"model": "tensor", "param": s, "desc": "skeleton"}, "dwimap",
+             f"{s.upper()} projected onto the skeleton" + (" (from the FA projection locations)" if s != "fa" else "")
+             + ", one volume per participant.", Volumes=volumes)
     corr_b = [q["corr_before"] for i, q in enumerate(qc) if i != target.index]
     corr_a = [q["corr_after"] for i, q in enumerate(qc) if i != target.index]
     summary = {
         "target": target.describe(), "space": space, "n_participants": len(found),
-        "participants": [pm.label for pm in found], "left_out": problems, "scalars": scalars,
+        "participants": volumes, "left_out": problems, "scalars": scalars,
         "mean_corr_before": float(np.nanmean(corr_b)) if corr_b else float("nan"),
         "mean_corr_after": float(np.nanmean(corr_a)) if corr_a else float("nan"),
-        "skeleton_voxels": int(len(vox)), "skeleton_threshold": threshold,
+        "skeleton_voxels": int(len(sk.voxels)), "skeleton_threshold": threshold,
     }
     paths["table"] = _write_skeleton_table(tbss_dir / bids_name({**ents, "desc": "skeleton"}, "table", ".tsv"),
-                                           found, qc, values, scalars, summary)
-
-    # --- statistics --------------------------------------------------------------------------
-    if design is not None:
-        summary["stats"] = _run_stats(design, found, values, scalars, vox, common_shape, common_affine,
-                                      tbss_dir, ents, n_perm, int(_opt(args, "permutation_seed", 0)),
-                                      progress, common_desc, paths)
-        clock.lap("statistics")
-    summary["timings_s"] = clock.laps
-    summary["outputs"] = {k: str(v) for k, v in paths.items()}
-    summary["output_dir"] = str(tbss_dir)
-    return summary
+                                           found, qc, sk.values, scalars, summary)
+    return paths, summary, ents, common_desc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,53 +255,58 @@ def _load_reference(spec: dict) -> np.ndarray:
     return data
 
 
-def _align_target(target: Target, tpl_path: Path, space: str, tbss_dir: Path, executor, quick, progress):
-    """Register the target to a template (cached); returns (chain paths, reference spec)."""
+def _align_target(target: Target, tpl_path: Path, space: str, tbss_dir: Path, executor, quick, disable):
+    """Register the target to a template (a stage, reused while unchanged); returns (chain, stage)."""
+    xdir = xfm_dir(tbss_dir.parent.parent)
     # on the template grid: template point -> target point (resamples target-space images)
-    to_target = xfm_dir(tbss_dir.parent.parent) / xfm_name({}, STUDY_SPACE, space)
+    to_target = xdir / xfm_name({}, STUDY_SPACE, space)
     # on the target grid: target point -> template point (moves target-space points)
-    to_template = xfm_dir(tbss_dir.parent.parent) / xfm_name({}, space, STUDY_SPACE)
+    to_template = xdir / xfm_name({}, space, STUDY_SPACE)
     st = settings("full", quick)
-    meta = {"Target": target.spec["path"], "TargetSHA1": file_hash(target.spec["path"]),
-            "Template": str(tpl_path), "TemplateSHA1": file_hash(tpl_path), "Settings": st.as_dict()}
-    if not (to_template.exists() and read_transform_sidecar(to_template).get("Inputs") == meta
-            and read_transform_sidecar(to_target).get("Inputs") == meta):
+    stage = Stage(f"target_to-{space}", outputs=_with_sidecars((to_target, to_template)),
+                  files=(target.spec["path"], tpl_path), params={"Settings": st.as_dict()})
+    if not stage.is_complete():
+        meta = {"Target": target.spec["path"], "Template": str(tpl_path), "Settings": st.as_dict()}
         call = ((target.spec, {"path": str(tpl_path), "kind": "template"}, st.as_dict()),
-                {"out_to_target": str(to_target), "out_to_template": str(to_template), "meta": meta})
+                {"out_to_target": str(to_target), "out_to_template": str(to_template), "meta": meta,
+                 "stage": stage})
         for _ in run_tasks(executor, template_alignment_task, [call], desc=f"target -> {space}",
-                           disable_progress=progress):
+                           disable_progress=disable):
             pass
-    chain = {"to_native": str(to_target), "to_common": str(to_template), "Inputs": meta}
-    return chain, {"path": str(tpl_path), "kind": "template"}
+    return {"to_native": str(to_target), "to_common": str(to_template)}, stage
 
 
-def _register_all(found: list[ParticipantMaps], target: Target, chain, space, output_dir, executor,
-                  quick, progress):
+def _with_sidecars(paths) -> tuple:
+    return tuple(paths) + tuple(sidecar_path(p) for p in paths)
+
+
+def _register_all(found: list[ParticipantMaps], common: CommonSpace, output_dir, executor, quick, disable):
+    """Every participant's native <-> common transform: one stage each, run on the executor."""
     st = settings("full", quick)
-    target_hash = file_hash(target.spec["path"])
+    target, space = common.target, common.space
     ident, regs = [], []
-    reused = 0
     for i, pm in enumerate(found):
-        meta = {"Moving": str(pm.paths["fa"]), "MovingSHA1": file_hash(pm.paths["fa"]),
-                "Target": target.spec["path"], "TargetKind": target.spec["kind"], "TargetSHA1": target_hash,
-                "Space": space, "Chain": chain["Inputs"] if chain else None, "Settings": st.as_dict()}
-        pull, push = transform_paths(output_dir, pm.entities, space)
-        if pull.exists() and push.exists() and read_transform_sidecar(push).get("Inputs") == meta \
-                and read_transform_sidecar(pull).get("Inputs") == meta:
-            reused += 1
+        is_target = target.kind == "participant" and i == target.index
+        stage = Stage(f"{pm.label}_to-{space}", outputs=_with_sidecars(transform_paths(output_dir, pm.entities, space)),
+                      files=(pm.paths["fa"], target.spec["path"]),
+                      upstream=(common.chain_stage,) if common.chain_stage else (),
+                      params={"TargetKind": target.spec["kind"], "Space": space, "Identity": is_target,
+                              "Settings": None if is_target else st.as_dict()})
+        if stage.is_complete():
             continue
-        chain_arg = {k: chain[k] for k in ("to_native", "to_common")} if chain else None
-        common = {"output_dir": str(output_dir), "entities": pm.entities, "space": space, "chain": chain_arg,
-                  "meta": meta}
-        if target.kind == "participant" and i == target.index:
-            ident.append(((target.spec,), common))
+        meta = {"Moving": str(pm.paths["fa"]), "Target": target.spec["path"], "TargetKind": target.spec["kind"],
+                "Space": space, "Settings": st.as_dict()}
+        kw = {"output_dir": str(output_dir), "entities": pm.entities, "space": space, "chain": common.chain,
+              "meta": meta, "stage": stage}
+        if is_target:
+            ident.append(((target.spec,), kw))
         else:
-            regs.append((({"path": str(pm.paths["fa"]), "kind": "fa"}, target.spec, st.as_dict()), common))
-    log.info("registrations: %d to run, %d reused", len(ident) + len(regs), reused)
+            regs.append((({"path": str(pm.paths["fa"]), "kind": "fa"}, target.spec, st.as_dict()), kw))
+    log.info("registrations: %d to run, %d reused", len(ident) + len(regs), len(found) - len(ident) - len(regs))
     for _ in run_tasks(executor, identity_task, ident, desc="identity", disable_progress=True):
         pass
     for _ in run_tasks(executor, registration_task, regs, desc=f"registration to {target.label}",
-                       disable_progress=progress):
+                       disable_progress=disable):
         pass
 
 
@@ -316,6 +347,7 @@ def _distinct_relabelings(design) -> int:
 def _run_stats(design, found, values, scalars, vox, shape, affine, tbss_dir, ents, n_perm, seed, progress,
                common_desc, paths) -> dict:
     from kernels.tfce import neighbour_graph
+
     from .stats import clusters_table, permutation_glm
 
     skel = np.zeros(shape, bool)

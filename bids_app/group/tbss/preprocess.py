@@ -1,7 +1,6 @@
 """FA preprocessing before registration (REFERENCE 6.1) and image loading for tasks."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import nibabel as nib
@@ -49,11 +48,3 @@ def load_image(spec: dict) -> tuple[np.ndarray, np.ndarray]:
     elif kind == "template":
         data = np.clip(np.nan_to_num(data), 0.0, 1.0).astype(np.float32)
     return data, img.affine.astype(float)
-
-
-def file_hash(path: Path | str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

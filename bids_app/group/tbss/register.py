@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ...derivatives import write_json
+from ...stages import Stage
 from ..transforms import DisplacementField, SubjectTransform, grid_points
 from .preprocess import load_image
 
@@ -153,13 +154,19 @@ def deformation_score(mapping, static_shape, static_affine, mask) -> float:
 # ----------------------------------------------------------------------------------------------
 # tasks (run on the executor)
 
-def pair_scores_task(first: dict, second: dict, settings_dict: dict, out_json: str, meta: dict) -> dict:
-    """Deformation scores of both directions of a pair, saved as JSON.
+def pair_scores_task(first: dict, second: dict, settings_dict: dict, out_json: str, meta: dict, *,
+                     stage: Stage) -> dict:
+    """Deformation scores of both directions of a pair, saved as JSON (the outputs of ``stage``).
 
     The affine is estimated once (``second`` onto ``first``) and its inverse starts the
     other direction; SyN runs both ways.  ``ScoreSecondToFirst`` is the score with
     ``first`` as the static image.
     """
+    with stage.running():
+        return _pair_scores(first, second, settings_dict, out_json, meta)
+
+
+def _pair_scores(first: dict, second: dict, settings_dict: dict, out_json: str, meta: dict) -> dict:
     from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
     from dipy.align.metrics import CCMetric
 
@@ -187,12 +194,20 @@ def pair_scores_task(first: dict, second: dict, settings_dict: dict, out_json: s
 
 
 def registration_task(moving: dict, target: dict, settings_dict: dict, *, output_dir: str,
-                      entities: dict, space: str, chain: dict | None, meta: dict) -> dict:
-    """Register a participant's FA to the target and save the native <-> common transform.
+                      entities: dict, space: str, chain: dict | None, meta: dict, stage: Stage) -> dict:
+    """Register a participant's FA to the target and save the native <-> common transform (the
+    outputs of ``stage``).
 
     ``chain`` (optional) holds the target -> template transform (``to_native``/``to_common``
     displacement-field paths); the saved transform is then native <-> template.
     """
+    with stage.running():
+        return _register(moving, target, settings_dict, output_dir=output_dir, entities=entities,
+                         space=space, chain=chain, meta=meta)
+
+
+def _register(moving: dict, target: dict, settings_dict: dict, *, output_dir: str, entities: dict,
+              space: str, chain: dict | None, meta: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     st = RegistrationSettings.from_dict(settings_dict)
     s, s_aff = load_image(target)
@@ -229,8 +244,15 @@ def chain_transform(xfm: SubjectTransform, tpl_to_target: DisplacementField,
 
 
 def template_alignment_task(target: dict, template: dict, settings_dict: dict, *, out_to_target: str,
-                            out_to_template: str, meta: dict) -> dict:
-    """Register the target FA to a template image and save both displacement fields."""
+                            out_to_template: str, meta: dict, stage: Stage) -> dict:
+    """Register the target FA to a template image and save both displacement fields (the outputs
+    of ``stage``)."""
+    with stage.running():
+        return _align_to_template(target, template, settings_dict, out_to_target, out_to_template, meta)
+
+
+def _align_to_template(target: dict, template: dict, settings_dict: dict, out_to_target: str,
+                       out_to_template: str, meta: dict) -> dict:
     t0 = time.perf_counter()
     st = RegistrationSettings.from_dict(settings_dict)
     s, s_aff = load_image(template)
@@ -248,8 +270,14 @@ def template_alignment_task(target: dict, template: dict, settings_dict: dict, *
 
 
 def identity_task(target: dict, *, output_dir: str, entities: dict, space: str, chain: dict | None,
-                  meta: dict) -> dict:
+                  meta: dict, stage: Stage) -> dict:
     """The participant that is the target: identity (or just the target -> template chain)."""
+    with stage.running():
+        return _identity(target, output_dir=output_dir, entities=entities, space=space, chain=chain, meta=meta)
+
+
+def _identity(target: dict, *, output_dir: str, entities: dict, space: str, chain: dict | None,
+              meta: dict) -> dict:
     import nibabel as nib
     img = nib.load(str(target["path"]))
     ident = DisplacementField.identity(img.shape[:3], img.affine)

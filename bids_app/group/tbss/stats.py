@@ -64,9 +64,8 @@ def _numeric(values) -> np.ndarray | None:
         return None
 
 
-def build_design(bids_dir: Path | str, participant_ids: list[str], column: str,
-                 covariates: list[str] | None = None) -> Design:
-    """Design matrix for the participants (``sub-XX`` ids, one per observation)."""
+def check_columns(bids_dir: Path | str, column: str, covariates=None):
+    """participants.tsv, once its stats column and covariates are known to be there."""
     df = read_participants_tsv(bids_dir)
     covariates = list(covariates or [])
     for col in [column] + covariates:
@@ -75,6 +74,14 @@ def build_design(bids_dir: Path | str, participant_ids: list[str], column: str,
                              f"{', '.join(c for c in df.columns)})")
     if column in covariates:
         raise UsageError(f"{column!r} is both the stats column and a covariate")
+    return df
+
+
+def build_design(bids_dir: Path | str, participant_ids: list[str], column: str,
+                 covariates: list[str] | None = None) -> Design:
+    """Design matrix for the participants (``sub-XX`` ids, one per observation)."""
+    df = check_columns(bids_dir, column, covariates)
+    covariates = list(covariates or [])
     rows, dropped = [], []
     for i, pid in enumerate(participant_ids):
         if pid not in df.index:

@@ -19,9 +19,9 @@ import numpy as np
 
 from ...derivatives import atomic_write, bids_name, shared_lock, write_json
 from ...errors import NoInputError, UsageError
+from ...stages import Stage
 from ..executor import run_tasks
 from .collect import ParticipantMaps
-from .preprocess import file_hash
 from .register import RegistrationSettings, pair_scores_task
 
 log = logging.getLogger(__name__)
@@ -84,36 +84,37 @@ def _pair_label(pm: ParticipantMaps) -> str:
 
 
 def all_to_all_scores(participants: list[ParticipantMaps], executor, *, st: RegistrationSettings,
-                      out_dir: Path, stage: str, progress: bool | None = None) -> np.ndarray:
+                      out_dir: Path, stage: str, disable_progress: bool | None = None) -> np.ndarray:
     """``scores[f, g]``: mean squared non-linear displacement (mm^2) of ``g`` registered to ``f``.
 
-    One task per unordered pair (both directions, see ``pair_scores_task``).  Each pair's score is saved as JSON under ``out_dir/<stage>/`` as it completes and reused
-    on a rerun when its inputs and settings are unchanged.
+    One task per unordered pair (both directions, see ``pair_scores_task``), each a stage of the
+    stage runner: its JSON under ``out_dir/<stage>/`` is reused on a rerun while both FA maps and
+    the settings are unchanged.
     """
     n = len(participants)
-    hashes = [file_hash(pm.paths["fa"]) for pm in participants]
     scores = np.full((n, n), np.nan)
     np.fill_diagonal(scores, 0.0)
     calls, where = [], []
     for f in range(n):
         for g in range(f + 1, n):
             pf, pg = participants[f], participants[g]
-            out = out_dir / stage / f"pair-{_pair_label(pf)}x{_pair_label(pg)}_score.json"
-            meta = {"First": str(pf.paths["fa"]), "FirstSHA1": hashes[f],
-                    "Second": str(pg.paths["fa"]), "SecondSHA1": hashes[g], "Settings": st.as_dict()}
-            cached = _read_json(out)
-            if cached.get("Inputs") == meta and "ScoreSecondToFirst" in cached:
+            key = f"pair-{_pair_label(pf)}x{_pair_label(pg)}"
+            pair = Stage(key, outputs=(out_dir / stage / f"{key}_score.json",), files=(pf.paths["fa"], pg.paths["fa"]),
+                         params={"Settings": st.as_dict()})
+            if pair.is_complete():
+                cached = _read_json(pair.outputs[0])
                 scores[f, g], scores[g, f] = cached["ScoreSecondToFirst"], cached["ScoreFirstToSecond"]
                 continue
+            meta = {"First": str(pf.paths["fa"]), "Second": str(pg.paths["fa"]), "Settings": st.as_dict()}
             calls.append((({"path": str(pf.paths["fa"]), "kind": "fa"}, {"path": str(pg.paths["fa"]), "kind": "fa"},
-                           st.as_dict(), str(out), meta), {}))
+                           st.as_dict(), str(pair.outputs[0]), meta), {"stage": pair}))
             where.append((f, g))
     if calls:
         log.info("%s all-to-all: %d pair tasks to run (%d reused)", stage, len(calls),
                  n * (n - 1) // 2 - len(calls))
     cpu = 0.0
     for i, res in run_tasks(executor, pair_scores_task, calls, desc=f"{stage} all-to-all",
-                            disable_progress=progress):
+                            disable_progress=disable_progress):
         f, g = where[i]
         scores[f, g], scores[g, f] = res["ScoreSecondToFirst"], res["ScoreFirstToSecond"]
         cpu += res.get("CPUSeconds", 0.0)
@@ -154,12 +155,13 @@ def write_scores_table(path: Path, participants: list[ParticipantMaps], scores: 
 
 
 def select_auto(participants: list[ParticipantMaps], executor, *, out_dir: Path, quick: bool = False,
-                full: bool = False, progress: bool | None = None) -> Target:
+                full: bool = False, disable_progress: bool | None = None) -> Target:
     """Coarse (default) or full-resolution all-to-all target selection."""
     from .register import settings
     stage = "full" if full else "coarse"
     st = settings(stage, quick)
-    scores = all_to_all_scores(participants, executor, st=st, out_dir=out_dir, stage=stage, progress=progress)
+    scores = all_to_all_scores(participants, executor, st=st, out_dir=out_dir, stage=stage,
+                               disable_progress=disable_progress)
     f = choose_from_scores(scores)
     pm = participants[f]
     table = out_dir / bids_name({"desc": f"targetscores{stage}"}, "table", ".tsv")
@@ -172,29 +174,41 @@ def select_auto(participants: list[ParticipantMaps], executor, *, out_dir: Path,
     return Target("participant", {"path": str(pm.paths["fa"]), "kind": "fa"}, pm.label, STUDY_SPACE, f, scores)
 
 
-def resolve_target(value: str, participants: list[ParticipantMaps], executor, *, out_dir: Path,
-                   quick: bool = False, progress: bool | None = None) -> Target:
-    """``auto`` | a TemplateFlow template name | a path to an FA image."""
+def target_kind(value: str) -> str:
+    """``auto``, ``image`` or ``template``, once the value is known to be usable (no registration
+    is run: fast enough for the checks before any work)."""
     value = (value or "auto").strip()
     if value == "auto":
-        return select_auto(participants, executor, out_dir=out_dir, quick=quick, progress=progress)
+        return "auto"
     path = Path(value)
     if path.suffix in (".nii", ".gz") or os.sep in value or path.exists():
         if not path.is_file():
             raise NoInputError(f"--tbss-target {value}: no such file")
         try:
             img = nib.load(str(path))
-            if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
-                raise UsageError(f"--tbss-target {value} is not a 3D image (shape {img.shape})")
-        except UsageError:
-            raise
         except Exception as exc:
             raise UsageError(f"--tbss-target {value} is not a readable NIfTI image: {exc}") from None
-        return Target("image", {"path": str(path.resolve()), "kind": "fa"}, path.name, STUDY_SPACE)
+        if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
+            raise UsageError(f"--tbss-target {value} is not a 3D image (shape {img.shape})")
+        return "image"
     if not re.fullmatch(r"[A-Za-z0-9]+", value):
         raise UsageError(f"--tbss-target {value!r} is neither 'auto', a TemplateFlow name nor an existing file")
-    vox = median_voxel_size(participants)
-    tpl = templateflow_image(value, vox)
+    templateflow_image(value)
+    return "template"
+
+
+def resolve_target(value: str, participants: list[ParticipantMaps], executor, *, out_dir: Path,
+                   quick: bool = False, disable_progress: bool | None = None) -> Target:
+    """``auto`` | a TemplateFlow template name | a path to an FA image."""
+    value = (value or "auto").strip()
+    kind = target_kind(value)
+    if kind == "auto":
+        return select_auto(participants, executor, out_dir=out_dir, quick=quick,
+                           disable_progress=disable_progress)
+    if kind == "image":
+        path = Path(value)
+        return Target("image", {"path": str(path.resolve()), "kind": "fa"}, path.name, STUDY_SPACE)
+    tpl = templateflow_image(value, median_voxel_size(participants))
     return Target("template", {"path": str(tpl), "kind": "template"}, value, value)
 
 

@@ -1,0 +1,19 @@
+"""Errors of the kernels library: neutral words, no command-line flags.
+
+Applications map them to their own vocabulary (the tractoscale CLI turns a
+:class:`ParameterError` for ``step_size`` into a usage error naming ``--step-size``).
+"""
+from __future__ import annotations
+
+
+class ParameterError(ValueError):
+    """A parameter value is out of range or inconsistent; ``name`` is the parameter's name."""
+
+    def __init__(self, name: str, problem: str):
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name} {problem}")
+
+
+class DeviceError(RuntimeError):
+    """The requested compute device cannot be used."""
