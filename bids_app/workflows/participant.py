@@ -220,7 +220,7 @@ def write_odf(run: RunData, stage: Stage, nthreads: int | None) -> None:
              odf.sh_order)
 
 
-def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
+def write_tractogram(run: RunData, stage: Stage, config: Config, tissue_files: dict | None) -> None:
     from ..resources import memory_budget
     from ..tracking import RunMaps, track_run
 
@@ -229,7 +229,7 @@ def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
     needs_dwi = opts.algorithm == "boot"
     maps = RunMaps(affine=nib.load(str(run.out.mask)).affine, mask=run.mask, fa=run.fa, sh=sh,
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
-                   tissue=_tissue_maps(run, stage) if _needs_tissue(opts) else None,
+                   tissue=_tissue_maps(run, tissue_files) if _needs_tissue(opts) else None,
                    dwi=run.dwi.data if needs_dwi else None, gtab=run.dwi.gtab() if needs_dwi else None)
     stats = track_run(opts, maps, run.out.tractogram, device=config.resources.device,
                       memory_budget=memory_budget(config.resources), nthreads=config.resources.nthreads,
@@ -242,11 +242,9 @@ def _needs_tissue(opts) -> bool:
     return opts.stop_method in ("act", "cmc") or opts.seeding == "interface"
 
 
-def _tissue_maps(run: RunData, stage: Stage):
+def _tissue_maps(run: RunData, files: dict | None):
     """WM/GM/CSF probability maps on the DWI grid (for ACT/CMC): shipped ones, else from DTI."""
     from ..tissue import dti_tissue_maps, load_tissue_maps
-    files = {Path(p).name.split("_label-")[1].split("_")[0]: Path(p) for p in stage.files
-             if "_label-" in Path(p).name}
     maps = load_tissue_maps(files, run.mask.shape, nib.load(str(run.out.mask)).affine)
     return maps if maps is not None else dti_tissue_maps(run.fa, run.md, run.mask)
 
@@ -276,14 +274,14 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
     qc_inputs = [dti]
     if opts.enabled:
         extra = [opts.seed_mask] if opts.seed_mask else []
-        if _needs_tissue(opts):
-            extra += list((tissue_map_files(inp.dwi) or {}).values())
+        tissue_files = tissue_map_files(inp.dwi) if _needs_tissue(opts) else None
+        extra += list((tissue_files or {}).values())
         if opts.algorithm == "boot":
             extra += list(raw)
         trk = Stage(f"{label}_track-{opts.algorithm}", outputs=_with_sidecars([out.tractogram]),
                     record_dir=out.records, files=tuple(extra), upstream=(dti, odf),
                     params={"Stage": "tracking", **opts.parameters(), "ODF": model})
-        steps.append((trk, partial(write_tractogram, run, config=config)))
+        steps.append((trk, partial(write_tractogram, run, config=config, tissue_files=tissue_files)))
         qc_inputs.append(trk)
     qc = Stage(f"{label}_qc", outputs=(out.qc_figure,), record_dir=out.records,
                params={"Stage": "qc", "Tractogram": out.tractogram.name if opts.enabled else None},
