@@ -92,7 +92,7 @@ def _tractogram(path: Path):
         trx = load(str(path))
         try:
             if "length" in trx.data_per_streamline:
-                lengths = np.asarray(trx.data_per_streamline["length"], np.float64).ravel()
+                lengths = np.array(trx.data_per_streamline["length"], np.float64).ravel()  # a copy
         finally:
             trx.close()
     if lengths is None or len(lengths) != len(sl):

@@ -48,7 +48,14 @@ window.tractoscaleViewer = (function () {
         await nv.loadFromArrayBuffer(bytes(it.data), it.name);
         if (it.kind === "mesh") {
           const mesh = nv.meshes[nv.meshes.length - 1];
-          if (it.groups) nv.setMeshProperty(mesh.id, "fiberGroupColormap", it.groups);
+          if (it.groupColors && mesh.groups) {   /* {group name: [r, g, b]} -> niivue's group colormap */
+            const cm = { R: [], G: [], B: [], I: [] };
+            mesh.groups.forEach(function (g, i) {
+              const c = it.groupColors[g.id];
+              if (c) { cm.R.push(c[0]); cm.G.push(c[1]); cm.B.push(c[2]); cm.I.push(i); }
+            });
+            nv.setMeshProperty(mesh.id, "fiberGroupColormap", cm);
+          }
           nv.setMeshProperty(mesh.id, "fiberRadius", it.radius || 0);
         }
       }
