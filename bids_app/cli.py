@@ -61,8 +61,9 @@ def _run_install_viewer(argv) -> int:
     p.add_argument("--tarball", type=Path, default=None, metavar="TGZ",
                    help=f"use this file of 'npm pack {viewer.NIIVUE_PACKAGE}@{viewer.NIIVUE_VERSION}' "
                         "instead of running npm (machines with no network)")
+    p.add_argument("--force", action="store_true", help="install again even if this version is there")
     args = p.parse_args(argv)
-    path = viewer.install(args.dest, args.tarball)
+    path = viewer.install(args.dest, args.tarball, force=args.force)
     print(f"niivue {viewer.NIIVUE_VERSION} installed: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -82,10 +82,13 @@ def _npm_pack(workdir: Path) -> Path:
     return workdir / names[-1]
 
 
-def install(dest: Path | None = None, tarball: Path | None = None) -> Path:
+def install(dest: Path | None = None, tarball: Path | None = None, force: bool = False) -> Path:
     """Fetch niivue's release with npm (or read ``tarball``), check its hash, and keep its browser
-    bundle, package.json and a NOTICE in ``dest``.  Returns the installed bundle's path."""
+    bundle, package.json and a NOTICE in ``dest`` (nothing to do when this version is already there,
+    unless ``force``).  Returns the installed bundle's path."""
     dest = Path(dest) if dest else default_install_dir()
+    if not force and tarball is None and (dest / BUNDLE).is_file() and bundle_version(dest / BUNDLE) == NIIVUE_VERSION:
+        return dest / BUNDLE
     with tempfile.TemporaryDirectory(prefix="tractoscale-niivue-") as tmp:
         tgz = Path(tarball) if tarball else _npm_pack(Path(tmp))
         if not tgz.is_file():
