@@ -120,7 +120,9 @@ def write_participant_report(out, output_dir: Path, *, bval: Path | None = None,
 
     ctx = {"label": label, "version": __version__, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
            "output_dir": str(output_dir), "stages": _stage_rows(recs, stages), "sources": fa_side.get("Sources", []),
-           "figures": {}, "notes": notes, "checks": checks}
+           "figures": {}, "notes": notes,
+           "checks": {name: records.flatten(val if isinstance(val, (dict, list)) else {"result": val})
+                      for name, val in checks.items()}}
 
     def fig(name):
         return _rel(paths[name], output_dir)

@@ -16,7 +16,7 @@ def environment():
     import jinja2
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "j2"]),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             trim_blocks=True, lstrip_blocks=True)   # a missing key: empty, falsy
     env.filters["num"] = _num
     env.filters["tojson_attr"] = lambda v: json.dumps(v)
     env.globals["asset"] = lambda name: (TEMPLATES / name).read_text()
