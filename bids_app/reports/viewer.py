@@ -173,13 +173,14 @@ def subset(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 
 def trx_bytes(streamlines, reference: nib.Nifti1Image, spacing: float, groups: dict | None = None) -> bytes:
-    """A TRX (float32 positions, RAS+ mm) of ``streamlines`` thinned to ``spacing`` mm, as bytes."""
+    """A TRX (float16 positions, RAS+ mm: 0.03 mm or better within 64 mm of the origin, half the size of
+    float32) of ``streamlines`` thinned to ``spacing`` mm, as bytes."""
     from nibabel.streamlines import Tractogram
     from trx.trx_file_memmap import TrxFile, save
 
     thinned = [_thin(np.asarray(s, np.float32), spacing) for s in streamlines]
     trx = TrxFile.from_tractogram(Tractogram(thinned, affine_to_rasmm=np.eye(4)), reference=reference,
-                                  dtype_dict={"positions": np.float32, "offsets": np.uint32, "dpv": {},
+                                  dtype_dict={"positions": np.float16, "offsets": np.uint32, "dpv": {},
                                               "dps": {}})
     try:
         if groups:

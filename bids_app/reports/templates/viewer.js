@@ -63,7 +63,9 @@ window.tractoscaleViewer = (function () {
         /* FA slices with the streamlines, and a 3D tile cut by a clip plane */
         nv.setSliceType(nv.sliceTypeMultiplanar);
         nv.opts.multiplanarShowRender = niivue.SHOW_RENDER.ALWAYS;
+        nv.opts.multiplanarLayout = niivue.MULTIPLANAR_TYPE.GRID;
         nv.opts.crosshairColor = [1, 1, 1, 0.4];
+        nv.opts.crosshairWidth = 1;
         nv.setClipPlane([0.0, 180, 20]);
       } else {
         nv.setSliceType(nv.sliceTypeRender);
