@@ -6,7 +6,6 @@ bundle tractograms) and its log; nothing is registered, tested or segmented agai
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from .. import __version__
 from ..stages import RECORD_DIR, Stage
 from . import figures, records, viewer
+from .render import relative as _rel
 from .render import render_to
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,6 @@ REPORT = ("group", "report.html")
 FIG_DIR = ("group", "figures")
 TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]   # matplotlib's tab10
-
-
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path, start)).as_posix()
 
 
 def _one(folder: Path, pattern: str) -> Path | None:
@@ -108,9 +104,7 @@ def _participants(files: GroupFiles, summary: dict, bids_dir: Path | None) -> di
     """Who went into each group step, and who was left out and why."""
     table = records.read_table(files.skeleton_table) if files.skeleton_table else None
     tbss = list(table["label"]) if table is not None else []
-    counts = records.read_table(files.counts) if files.counts.exists() else None
-    seg = sorted({f"sub-{s}" + (f"_ses-{x}" if isinstance(x, str) and x else "")
-                  for s, x in zip(counts["subject"], counts["session"])}) if counts is not None else []
+    seg = sorted({p.name.split("_track-")[0] for p in files.bundle_trx})
     stats_used = None
     for p in files.pmaps[:1]:
         stats_used = records.read_json(Path(str(p).replace(".nii.gz", ".json"))).get("Design", {}).get("Participants")
@@ -121,19 +115,21 @@ def _participants(files: GroupFiles, summary: dict, bids_dir: Path | None) -> di
     if tsv is not None and tsv.exists():
         pt = records.read_table(tsv)
         listed = list(pt["participant_id"]) if pt is not None and "participant_id" in pt else []
+    # participants.tsv rows with no run at all in the outputs
+    missing = [p for p in listed if not any(w == p or w.startswith(p + "_") for w in with_outputs)]
     rows = []
-    for label in sorted(set(with_outputs) | set(tbss) | set(listed)):
-        sub = label.split("_")[0]
+    for label in sorted(set(with_outputs) | set(tbss) | set(missing)):
         why = []
-        if label not in with_outputs and not any(w.startswith(label) for w in with_outputs):
+        if label in missing:
             why.append("no participant-level outputs")
         if tbss and label in with_outputs and label not in tbss:
-            why.append("left out of TBSS")
+            why.append(next((m.split(": ", 1)[1] for m in summary.get("left_out", []) if m.startswith(label + ":")),
+                            "left out of TBSS"))
         if stats_used is not None and label in tbss and label not in stats_used:
             why.append("left out of the statistics (no value in the tested column or covariates)")
         if seg and label in with_outputs and label not in seg:
             why.append("not segmented (no tractogram)")
-        rows.append({"participant": label, "subject": sub, "tbss": label in tbss,
+        rows.append({"participant": label, "tbss": label in tbss,
                      "statistics": (label in stats_used) if stats_used is not None else None,
                      "bundles": label in seg, "notes": "; ".join(why)})
     return {"rows": rows, "left_out": summary.get("left_out", []), "n_tbss": len(tbss), "n_seg": len(seg)}

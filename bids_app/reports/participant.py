@@ -14,7 +14,9 @@ import numpy as np
 
 from .. import __version__
 from ..derivatives import sidecar_path
+from ..stages import StageSkipped
 from . import figures, records, viewer
+from .render import relative as _rel
 from .render import render_to
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,6 @@ def report_paths(out, output_dir: Path) -> dict:
         paths["viewer"] = fig_dir / f"{label}_desc-viewer_report.js"
         paths["niivue"] = Path(output_dir).joinpath(*viewer.OUTPUT_SUBDIR, viewer.BUNDLE)
     return paths
-
-
-def _rel(path: Path, start: Path) -> str:
-    import os
-    return Path(os.path.relpath(path, start)).as_posix()
 
 
 def _stage_rows(recs: dict, expected: list[str]) -> list[dict]:
@@ -107,6 +104,10 @@ def write_participant_report(out, output_dir: Path, *, bval: Path | None = None,
     output_dir = Path(output_dir)
     paths = report_paths(out, output_dir)
     label = out.label
+    needed = [out.tensor("fa"), out.tensor("md"), out.tensor("rgb"), out.mask, out.meanb0, out.sh]
+    missing = [p.name for p in needed + ([out.tractogram] if out.tracking else []) if not p.exists()]
+    if missing:   # (only --reports-only gets here: in a run, the report stage comes after the others)
+        raise StageSkipped(f"no report yet: {', '.join(missing)} missing (run the participant level)")
     prefix = f"{label}_"
     recs = records.stage_records(out.records, prefix)
     stages = stages or [k for k in recs if k != "report"]

@@ -3,6 +3,7 @@ is one file plus the figures it links."""
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def _num(v, digits: int = 3) -> str:
     if f.is_integer() and abs(f) < 1e15:
         return f"{int(f):,}"
     return f"{f:.{digits}g}"
+
+
+def relative(path: Path, start: Path) -> str:
+    """``path`` relative to ``start`` (a link in a page in ``start``), with forward slashes."""
+    return Path(os.path.relpath(path, start)).as_posix()
 
 
 def render_to(path: Path, template: str, context: dict) -> Path:
