@@ -120,6 +120,28 @@ def test_run_logs_are_those_of_the_runs_that_wrote_the_outputs(tmp_path):
     assert [p.name for p in records.run_logs(logs, "sub-01")] == ["sub-01_20260103-100000_22.log"]
 
 
+def test_odf_glyphs_point_along_the_fibre_in_world_axes():
+    """An oblique fibre along world (1, 1, 0) in an LAS image, its SH stored in the voxel frame (as the
+    ODF stage writes them): the glyph's longest radius points along world (1, 1, 0), not along the
+    voxel-frame direction (-1, 1, 0) that ignoring the frame would draw; with the world frame too."""
+    from dipy.core.sphere import Sphere
+    from dipy.data import get_sphere
+    from dipy.reconst.shm import sf_to_sh
+
+    from bids_app.reports.figures import glyph_radii
+    from bids_app.reports.participant import _to_sh_frame
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])                          # LAS
+    fibre_world = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
+    for reference, fibre_frame in (("ijk", fibre_world * [-1, 1, 1]), ("xyz", fibre_world)):
+        v = get_sphere(name="repulsion724").vertices
+        sf = np.exp(-8 * (1 - (v @ fibre_frame) ** 2))               # a lobe along +-fibre in the SH frame
+        sh = sf_to_sh(sf, Sphere(xyz=v), sh_order_max=8, basis_type="tournier07", legacy=False)
+        dirs, _, radii = glyph_radii(sh[None], 8, _to_sh_frame({"OrientationEncoding": {"Reference": reference}},
+                                                                affine))
+        longest = dirs[np.argmax(radii[0])]
+        assert abs(longest @ fibre_world) > 0.95, (reference, longest)
+
+
 def test_display_copies_round_trip(tmp_path):
     from trx.trx_file_memmap import load
 

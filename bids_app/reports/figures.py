@@ -147,27 +147,49 @@ def gradient_figure(bvals: np.ndarray, dirs_world: np.ndarray, shells: list, pat
 
 # --------------------------------------------------------------------------- ODF glyphs
 
-def odf_glyph_figure(sh: np.ndarray, sh_order: int, to_sh_frame: np.ndarray, affine: np.ndarray,
-                     background: np.ndarray, mask: np.ndarray, path: Path, *, size: int = 12) -> Path:
-    """ODF glyphs (the SH evaluated on a 100-direction sphere) of a ``size`` x ``size`` patch of the
-    axial slice through the middle of the mask, drawn in world mm seen from above (x right, y
-    anterior), coloured by direction, over the background map.
-
-    ``to_sh_frame``: the 3x3 matrix taking world directions to the frame the SH refer to."""
+def glyph_radii(coeffs: np.ndarray, sh_order: int, to_sh_frame: np.ndarray):
+    """``(directions (n, 3) in world axes, faces, radii (voxels, n))`` of ODF glyphs: the SH
+    coefficients (MRtrix3 basis, in the frame ``to_sh_frame`` maps world directions to) evaluated on a
+    100-direction sphere, negative lobes cut, scaled so that the 95th percentile of the maxima is 1."""
     from dipy.core.sphere import Sphere
     from dipy.data import get_sphere
     from dipy.reconst.shm import sh_to_sf
-    from matplotlib.collections import PolyCollection
 
-    plt = _plt()
     sphere = get_sphere(name="repulsion100")
     v_world = sphere.vertices
     v_sh = v_world @ np.asarray(to_sh_frame).T
     v_sh /= np.linalg.norm(v_sh, axis=1, keepdims=True)
-    # the voxel axis closest to world z is the axial slicing axis
+    sf = sh_to_sf(np.asarray(coeffs, np.float64), Sphere(xyz=v_sh), sh_order_max=int(sh_order),
+                  basis_type="tournier07", legacy=False)
+    sf = np.clip(np.atleast_2d(sf), 0, None)
+    peak = np.percentile(sf.max(axis=1), 95) if len(sf) else 1.0
+    return v_world, sphere.faces, np.clip(sf / max(float(peak), 1e-12), 0, 1)
+
+
+def odf_glyph_figure(sh: np.ndarray, sh_order: int, to_sh_frame: np.ndarray, affine: np.ndarray,
+                     background: np.ndarray, mask: np.ndarray, path: Path, *, size: int = 12) -> Path:
+    """ODF glyphs (the SH evaluated on a 100-direction sphere) of a ``size`` x ``size`` patch of an
+    axial slice (the slice with the most voxels of background > 0.3, the patch of highest mean
+    background in it), drawn in world mm seen from above (x right, y anterior), coloured by direction,
+    over the background map (the FA).
+
+    ``to_sh_frame``: the 3x3 matrix taking world directions to the frame the SH refer to."""
+    from matplotlib.collections import PolyCollection
+
+    plt = _plt()
+    # the voxel axis closest to world z is the axial slicing axis; the slice with the most anisotropic
+    # voxels (FA-like background > 0.3), and in it the patch with the highest mean background
+    from scipy.ndimage import uniform_filter
     ax_z = int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0)))
-    c = list(centre(mask))
     others = [a for a in range(3) if a != ax_z]
+    aniso = np.moveaxis((background > 0.3) & mask, ax_z, 0).reshape(mask.shape[ax_z], -1).sum(1)
+    c = list(centre(mask))
+    if aniso.max() > 0:
+        c[ax_z] = int(np.argmax(aniso))
+        plane = np.take(np.where(mask, background, 0), c[ax_z], axis=ax_z)
+        best = np.unravel_index(np.argmax(uniform_filter(plane, size, mode="constant")), plane.shape)
+        for a, v in zip(others, best):
+            c[a] = int(v)
     sl = [slice(None)] * 3
     sl[ax_z] = c[ax_z]
     for a in others:
@@ -181,16 +203,10 @@ def odf_glyph_figure(sh: np.ndarray, sh_order: int, to_sh_frame: np.ndarray, aff
     inside = mask[tuple(full.T)]
     centres = nib.affines.apply_affine(affine, full)
     vox = float(np.min(np.linalg.norm(affine[:3, :3], axis=0)))
-    coeffs = sh[tuple(full[inside].T)]
-    sf = sh_to_sf(coeffs, Sphere(xyz=v_sh), sh_order_max=int(sh_order), basis_type="tournier07", legacy=False)
-    sf = np.clip(sf, 0, None)
-    # sizes follow the amplitude: the largest glyphs (95th percentile of the maxima) fill a voxel
-    peak = np.percentile(sf.max(axis=1), 95) if len(sf) else 1.0
-    sf = np.clip(sf / max(float(peak), 1e-12), 0, 1)
-    faces = sphere.faces
+    v_world, faces, radii = glyph_radii(sh[tuple(full[inside].T)], sh_order, to_sh_frame)
     polys, depth, colours = [], [], []
     col = np.abs(v_world)
-    for cen, r in zip(centres[inside], sf):
+    for cen, r in zip(centres[inside], radii):
         pts = cen + 0.48 * vox * r[:, None] * v_world
         tri = pts[faces]
         polys.append(tri[:, :, :2])
