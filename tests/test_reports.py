@@ -72,10 +72,11 @@ def test_reports_only_shows_sidecar_downgrades_and_gradient_check(run_copy, demo
     side = json.loads(sh.read_text())
     side["Downgrades"] = ["SH order lowered from 8 to 6 to fit 32 directions"]
     sh.write_text(json.dumps(side))
-    fa = out / "sub-01/dwi/sub-01_model-tensor_param-fa_dwimap.json"
-    side = json.loads(fa.read_text())
-    side["GradientCheck"] = {"Chosen": "identity", "Scores": {"identity": 41.5, "flip-x": 12.25}}
-    fa.write_text(json.dumps(side))
+    for p in ("fa", "md"):    # the DTI stage repeats its check in every map's sidecar: shown once
+        path = out / f"sub-01/dwi/sub-01_model-tensor_param-{p}_dwimap.json"
+        side = json.loads(path.read_text())
+        side["GradientCheck"] = {"Chosen": "identity", "Scores": {"identity": 41.5, "flip-x": 12.25}}
+        path.write_text(json.dumps(side))
     before = _records(out)
     run_cli(demo_bids, out, "participant", "--participant-label", "01", "--odf-model", "csa",
             "--skip-bids-validation", "--reports-only", check=True)
@@ -83,7 +84,8 @@ def test_reports_only_shows_sidecar_downgrades_and_gradient_check(run_copy, demo
     assert {k for k in before if after[k] != before[k]} == {"report"}   # the sidecars' size changed: no matter
     html = (out / "sub-01.html").read_text()
     assert "SH order lowered from 8 to 6 to fit 32 directions" in html
-    assert "Scores.flip-x</td><td>12.25" in html and "Chosen</td><td>identity" in html
+    assert html.count("Scores.flip-x</td><td>12.25") == 1 and "Chosen</td><td>identity" in html
+    assert html.count("SH order lowered from 8 to 6") == 1
     assert (out / "sub-02.html").exists()
 
 

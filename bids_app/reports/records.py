@@ -101,19 +101,25 @@ def log_warnings(paths: list[Path]) -> list[dict]:
 
 
 def sidecar_notes(sidecars: dict) -> tuple[list[dict], dict]:
-    """Downgrade/warning fields and check results found in sidecars ``{file name: sidecar}``:
-    ``([{file, message}], {file: check result})``."""
-    notes, checks = [], {}
+    """Downgrade/warning fields and check results found in sidecars ``{file name: sidecar}``, each
+    once however many sidecars repeat it: ``([{file, message}], {files: check result})``."""
+    notes, checks = {}, {}
     for name, side in sidecars.items():
         for key in NOTE_KEYS:
             val = side.get(key) or (side.get("tractoscale") or {}).get(key)
             for item in (val if isinstance(val, list) else [val] if val else []):
-                notes.append({"file": name, "message": item if isinstance(item, str) else json.dumps(item)})
+                msg = item if isinstance(item, str) else json.dumps(item)
+                notes.setdefault(msg, []).append(name)
         for key in CHECK_KEYS:
             val = side.get(key) or (side.get("tractoscale") or {}).get(key)
             if val:
-                checks[name] = val
-    return notes, checks
+                checks.setdefault(json.dumps(val, sort_keys=True), (val, []))[1].append(name)
+    return ([{"file": _names(files), "message": msg} for msg, files in notes.items()],
+            {_names(files): val for val, files in checks.values()})
+
+
+def _names(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more sidecars)"
 
 
 def flatten(d, prefix: str = "") -> list[tuple[str, str]]:
