@@ -65,7 +65,7 @@ window.tractoscaleViewer = (function () {
         nv.opts.multiplanarShowRender = niivue.SHOW_RENDER.ALWAYS;
         nv.opts.multiplanarLayout = niivue.MULTIPLANAR_TYPE.GRID;
         nv.opts.crosshairColor = [1, 1, 1, 0.4];
-        nv.opts.crosshairWidth = 1;
+        nv.opts.crosshairWidth = 0.25;   /* in voxels */
         nv.setClipPlane([0.0, 180, 20]);
       } else {
         nv.setSliceType(nv.sliceTypeRender);
