@@ -18,19 +18,24 @@ venv: $(BIN)/python
 
 # 8 subjects (4 controls, 4 patients): with 2 vs 2 there are only 6 relabelings, so no
 # permutation test could reach p < 0.05; 4 vs 4 gives 70.
+# The reports' 3D viewer (niivue) comes from the npm registry; without npm the reports are written
+# without it (and say so).
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
+	$(BIN)/tractoscale install-viewer || echo "warning: no 3D viewer in the reports (needs npm)"
 	$(BIN)/tractoscale demo-data $(DEMO)/bids --subjects 8 --size small
 	$(BIN)/tractoscale $(DEMO)/bids $(DEMO)/derivatives participant --nthreads 2 --seeds-per-voxel 4
 	$(BIN)/tractoscale $(DEMO)/bids $(DEMO)/derivatives group --stats-column group --n-permutations 500
 	@echo
 	@echo "Demo finished."
 	@echo "  input BIDS dataset : $(DEMO)/bids (ground truth in $(DEMO)/bids/sourcedata/groundtruth)"
-	@echo "  participant outputs: $(DEMO)/derivatives/sub-*/  (QC figures in sub-*/figures)"
-	@echo "  group outputs      : $(DEMO)/derivatives/group/"
+	@echo "  participant outputs: $(DEMO)/derivatives/sub-*/"
+	@echo "  participant reports: $(DEMO)/derivatives/sub-*.html"
+	@echo "  group outputs      : $(DEMO)/derivatives/group/  (report: $(DEMO)/derivatives/group/report.html)"
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/tractoscale install-viewer || echo "warning: niivue not installed (needs npm): report tests check reports without the 3D view"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q
 
 clean:

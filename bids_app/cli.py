@@ -1,6 +1,7 @@
 """Command line: ``tractoscale bids_dir output_dir {participant,group} [options]``.
 
-Also ``tractoscale demo-data OUT`` to write the built-in demo dataset.  The options are declared in
+Also ``tractoscale demo-data OUT`` to write the built-in demo dataset, and ``tractoscale install-viewer``
+to install the reports' 3D viewer (niivue, from the npm registry).  The options are declared in
 :mod:`bids_app.config`; this module parses them into a :class:`~bids_app.config.Config`, sets up the
 process (logging, threads), runs the checks that need no data (:mod:`bids_app.preflight`), and hands
 the Config to a workflow.  User mistakes end with a one-line message and an exit code of the BIDS
@@ -45,10 +46,34 @@ def _run_demo_data(argv) -> int:
     return demo_cli.run(args)
 
 
+def _run_install_viewer(argv) -> int:
+    from pathlib import Path
+
+    from .reports import viewer
+    p = Parser(prog="tractoscale install-viewer",
+               description=f"Install the reports' interactive 3D viewer: the browser build of niivue "
+                           f"{viewer.NIIVUE_VERSION} (BSD-2-Clause), fetched with npm from the npm registry and "
+                           "checked against its pinned hash. Reports written afterwards copy it into the "
+                           "output folder, so they open offline.")
+    p.add_argument("--dest", type=Path, default=None, metavar="DIR",
+                   help=f"install folder (default: {viewer.default_install_dir()}); elsewhere, point "
+                        f"${viewer.ENV_VAR} at it")
+    p.add_argument("--tarball", type=Path, default=None, metavar="TGZ",
+                   help=f"use this file of 'npm pack {viewer.NIIVUE_PACKAGE}@{viewer.NIIVUE_VERSION}' "
+                        "instead of running npm (machines with no network)")
+    p.add_argument("--force", action="store_true", help="install again even if this version is there")
+    args = p.parse_args(argv)
+    path = viewer.install(args.dest, args.tarball, force=args.force)
+    print(f"niivue {viewer.NIIVUE_VERSION} installed: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def run(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo-data":
         return _run_demo_data(argv[1:])
+    if argv and argv[0] == "install-viewer":
+        return _run_install_viewer(argv[1:])
     config = Config.from_argv(argv)
     _setup_logging(config.execution.verbose)
     limit_threads(config.resources)

@@ -400,6 +400,8 @@ class Execution(OptionGroup):
     verbose: int = option(0, "more logging (-v info, -vv debug)", short="-v", flags=("--verbose",),
                           action="count")
     no_progress: bool = option(False, "no progress bars", action="store_true")
+    reports_only: bool = option(False, "only (re)write the HTML reports from the outputs already in output_dir: "
+                                "nothing is fitted, tracked, registered or tested again", action="store_true")
 
     @property
     def progress(self) -> bool:

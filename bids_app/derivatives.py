@@ -231,7 +231,7 @@ def ensure_dataset_description(output_dir: Path | str, raw_dir: Path | str | Non
         ignore = output_dir / ".bidsignore"
         if not ignore.exists():
             with atomic_write(ignore) as tmp:
-                tmp.write_text("logs/\nwork/\ngroup/\nfigures/\n*.trx\n*_tractogram.json\n*_bundles.tsv\n*_bundles.json\n")
+                tmp.write_text("logs/\nwork/\ngroup/\nfigures/\n*.html\n*.trx\n*_tractogram.json\n*_bundles.tsv\n*_bundles.json\n")
     return path
 
 

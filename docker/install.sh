@@ -9,7 +9,9 @@
 #   1. find Python >= 3.11; only if there is none, install it with apt-get (needs root)
 #   2. create a venv at --prefix and `pip install SRC[EXTRAS]` (default extras: cuda,dask)
 #   3. fetch the TemplateFlow files the app uses into --templateflow-home (skip with --skip-templates:
-#      CI cannot reach TemplateFlow's S3 servers)
+#      CI cannot reach TemplateFlow's S3 servers), and the reports' 3D viewer (niivue's browser build,
+#      `tractoscale install-viewer`: npm from the npm registry; skip with --skip-viewer). Without npm,
+#      as root, Node.js/npm are installed with apt-get for this step and removed after it.
 #   4. checks and safe warm-up: `tractoscale --version` (and --expect-version), the full argument parser,
 #      and, with the cuda extra, NVVM compiling a small kernel to PTX (no GPU or driver needed)
 #   5. create the non-root user the image runs as (skip with --no-user)
@@ -30,6 +32,7 @@ Usage: docker/install.sh [options]
                            python3.12, python3.11, python3 that is new enough and has venv)
   --templateflow-home DIR  where TemplateFlow files go (default: $TEMPLATEFLOW_HOME or /opt/templateflow)
   --skip-templates         do not fetch TemplateFlow files (they come from TemplateFlow's servers)
+  --skip-viewer            do not install the reports' 3D viewer (niivue, from the npm registry)
   --expect-version V       fail unless the installed tractoscale reports version V
   --user NAME              non-root user to create (default: tractoscale)
   --uid N                  its uid and gid (default: 10001)
@@ -45,6 +48,7 @@ EXTRAS=cuda,dask
 PYTHON=""
 TF_HOME="${TEMPLATEFLOW_HOME:-/opt/templateflow}"
 SKIP_TEMPLATES=0
+SKIP_VIEWER=0
 EXPECT_VERSION=""
 USER_NAME=tractoscale
 USER_ID=10001
@@ -66,6 +70,7 @@ while [ $# -gt 0 ]; do
         --user) USER_NAME="$(value "$@")"; shift 2 ;;
         --uid) USER_ID="$(value "$@")"; shift 2 ;;
         --skip-templates) SKIP_TEMPLATES=1; shift ;;
+        --skip-viewer) SKIP_VIEWER=1; shift ;;
         --no-user) MAKE_USER=0; shift ;;
         --no-system-packages) SYSTEM_PACKAGES=0; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -168,6 +173,31 @@ for res in (1, 2):
         print(f"  {path}")
 EOF
     chmod -R a+rX "$TF_HOME"
+fi
+
+if [ "$SKIP_VIEWER" = 1 ]; then
+    say "skipping the reports' 3D viewer (--skip-viewer)"
+else
+    TEMP_NPM=0
+    if ! command -v npm >/dev/null 2>&1 && [ "$SYSTEM_PACKAGES" = 1 ] && [ "$(id -u)" = 0 ] \
+            && command -v apt-get >/dev/null 2>&1; then
+        say "installing Node.js/npm with apt-get for this step"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends nodejs npm ca-certificates >/dev/null
+        TEMP_NPM=1
+    fi
+    if command -v npm >/dev/null 2>&1; then
+        say "installing the reports' 3D viewer (niivue) into $PREFIX/share/tractoscale/niivue"
+        isolated npm_config_cache="$SCRATCH/npm" "$PREFIX/bin/tractoscale" install-viewer
+    else
+        say "warning: no npm: the reports will have no 3D view (tractoscale install-viewer installs it later)"
+    fi
+    if [ "$TEMP_NPM" = 1 ]; then
+        apt-get purge -y -qq --autoremove nodejs npm >/dev/null
+        apt-get clean
+        rm -rf /var/lib/apt/lists/*
+    fi
 fi
 
 # --------------------------------------------------------------------------- 4. checks, warm-up

@@ -122,7 +122,7 @@ def _fa(out, sub="01"):
 
 def test_every_participant_stage_has_a_record(csa_run):
     rec = _records(csa_run)
-    assert set(rec) == {"dti", "odf-csa", "track-prob", "qc"}
+    assert set(rec) == {"dti", "odf-csa", "track-prob", "qc", "report"}
     assert rec["track-prob"]["params"]["step_size"] is None   # the option as given; the kernel's value is in
     side = json.loads(csa_run.joinpath("sub-01/dwi/sub-01_track-prob_tractogram.json").read_text())
     assert side["StepSize"] == 1.25                            # the sidecar: half the 2.5 mm voxel
@@ -136,7 +136,7 @@ def test_sh_order_change_reruns_odf_and_downstream_only(csa_run, demo_bids):
     assert "1 processed" in proc.stdout
     after = {k: v["run"] for k, v in _records(csa_run).items()}
     assert after["dti"] == before["dti"] and _fa(csa_run).stat().st_mtime_ns == fa_time
-    for stage in ("odf-csa", "track-prob", "qc"):
+    for stage in ("odf-csa", "track-prob", "qc", "report"):
         assert after[stage] != before[stage], stage
     sh = nib.load(str(csa_run / "sub-01/dwi/sub-01_model-csa_param-sh_dwimap.nii.gz"))
     assert sh.shape[-1] == 15      # order 4
@@ -181,7 +181,7 @@ def _consistent(out, mask):
 def test_adding_a_brain_mask_reruns_everything(preprocessed, demo_bids):
     deriv, out, mask, affine = preprocessed
     before = {k: v["run"] for k, v in _records(out).items()}
-    assert set(before) == {"dti", "odf-csa", "qc"}
+    assert set(before) == {"dti", "odf-csa", "qc", "report"}
     _add_mask(deriv, mask, affine)
     run_cli(demo_bids, out, "participant", "--participant-label", "01", "--input-derivatives", deriv,
             "--odf-model", "csa", "--tracking", "none", "--skip-bids-validation", check=True)
@@ -200,7 +200,7 @@ def test_missing_qc_figure_is_redrawn_without_refitting(csa_run, demo_bids):
     assert "1 processed" in proc.stdout
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after = {k: v["run"] for k, v in _records(csa_run).items()}
-    assert {k for k in before if after[k] != before[k]} == {"qc"}
+    assert {k for k in before if after[k] != before[k]} == {"qc", "report"}
     assert "volumes, voxels" not in proc.stderr        # the DWI was not even loaded
 
 
@@ -244,7 +244,7 @@ def test_kill_between_outputs_never_leaves_a_complete_mixed_stage(preprocessed, 
     outputs = wf.Outputs(out, inp.entities, "csa", None)
     run = wf.RunData(inp, outputs, "x")
     todo = [s.key.removeprefix("sub-01_") for s, _ in wf.plan(wf.participant_stages(inp, config, outputs, run))]
-    assert todo == ["dti", "odf-csa", "qc"]    # ...and nothing of it counts as complete
+    assert todo == ["dti", "odf-csa", "qc", "report"]    # ...and nothing of it counts as complete
     assert wf.process_run(inp, config) == "done"
     assert _consistent(out, mask)
     assert wf.process_run(inp, config) == "skipped"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import TRACTOGRAM_FORMATS, Config
 from ..errors import NoInputError
-from .participant import prepare
+from .participant import _run_log, prepare
 
 log = logging.getLogger("tractoscale.group")
 
@@ -31,13 +31,24 @@ def _summarise_tbss(result):
 
 
 def run_group_level(config: Config) -> int:
-    from ..group import bundles, tbss
-    from ..group.executor import make_executor
-
     prepare(config)
     out = config.output_dir
     if not any(Path(out).glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
         raise NoInputError(f"no participant outputs (FA maps) in {out}: run the participant level first")
+    if config.execution.reports_only:
+        return _report(config)
+    with _run_log(out, "group"):
+        _science(config)
+        _report(config)
+    print(f"group level done; outputs in {Path(out) / 'group'}")
+    return 0
+
+
+def _science(config: Config) -> None:
+    from ..group import bundles, tbss
+    from ..group.executor import make_executor
+
+    out = config.output_dir
     labels = config.selection.participant_label
     participants = [{"sub": s} for s in labels] if labels else None
     sessions = config.selection.session_label
@@ -57,5 +68,14 @@ def run_group_level(config: Config) -> int:
                      seg.get("profiles"))
         else:
             log.warning("no tractograms in %s: bundle segmentation skipped", out)
-    print(f"group level done; outputs in {Path(out) / 'group'}")
+
+
+def _report(config: Config) -> int:
+    """The group report (a stage: rewritten when its inputs changed or a file of it is missing)."""
+    from ..reports.group import report_stage, write_group_report
+    stage = report_stage(config.output_dir)
+    if config.execution.force or config.execution.reports_only or not stage.is_complete():
+        with stage.running():
+            path = write_group_report(config.output_dir, config.bids_dir)
+        print(f"group report: {path}")
     return 0

@@ -4,6 +4,7 @@
 2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT)
 3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none``
 4. ``qc``: the QC figure, drawn from what the other stages wrote
+5. ``report``: the HTML report ``output_dir/<run>.html`` (:mod:`bids_app.reports`), from the files on disk
 
 A stage runs when its completion record is missing or stale (other parameters, other inputs, or an
 upstream stage that ran again); everything downstream of it runs too.  The DWI is loaded only when
@@ -255,6 +256,11 @@ def write_qc(run: RunData, stage: Stage) -> None:
         raise StageSkipped("the QC figure could not be drawn; the next run tries again")
 
 
+def write_report(run: RunData, stage: Stage, output_dir: Path, stages: list[str]) -> None:
+    from ..reports import write_participant_report
+    write_participant_report(run.out, output_dir, bval=run.inp.bval, bvec=run.inp.bvec, stages=stages)
+
+
 # --------------------------------------------------------------------------- stages of one run
 
 def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData) -> list:
@@ -287,8 +293,20 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
                params={"Stage": "qc", "Tractogram": out.tractogram.name if opts.enabled else None},
                upstream=tuple(qc_inputs))
     steps.append((qc, partial(write_qc, run)))
+    steps.append(_report_step(inp, config, out, run, [st for st, _ in steps]))
     # the work functions take the stage they run as their last argument
     return [(stage, partial(work, stage=stage)) for stage, work in steps]
+
+
+def _report_step(inp: DwiInput, config: Config, out: Outputs, run: RunData, upstream: list[Stage]):
+    from ..reports import report_paths, viewer
+    paths = report_paths(out, config.output_dir)
+    stage = Stage(f"{inp.label}_report", outputs=tuple(paths.values()), record_dir=out.records,
+                  params={"Stage": "report", "Version": __version__,
+                          "Viewer": viewer.bundle_version(viewer.installed_bundle())},
+                  files=(inp.bval, inp.bvec), upstream=tuple(upstream))
+    names = [st.key.removeprefix(f"{inp.label}_") for st in upstream]
+    return stage, partial(write_report, run, output_dir=config.output_dir, stages=names)
 
 
 def process_run(inp: DwiInput, config: Config) -> str:
@@ -297,7 +315,10 @@ def process_run(inp: DwiInput, config: Config) -> str:
     out = Outputs(config.output_dir, inp.entities, config.models.odf_model,
                   opts.algorithm if opts.enabled else None, opts.extension)
     run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives))
-    todo = plan(participant_stages(inp, config, out, run), force=config.execution.force)
+    steps = participant_stages(inp, config, out, run)
+    if config.execution.reports_only:   # the report alone, from what is on disk
+        steps = [(st, work) for st, work in steps if st.key.endswith("_report")]
+    todo = plan(steps, force=config.execution.force or config.execution.reports_only)
     if not todo:
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
         return "skipped"
