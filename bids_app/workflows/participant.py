@@ -258,7 +258,12 @@ def write_qc(run: RunData, stage: Stage) -> None:
 
 def write_report(run: RunData, stage: Stage, output_dir: Path, stages: list[str]) -> None:
     from ..reports import write_participant_report
-    write_participant_report(run.out, output_dir, bval=run.inp.bval, bvec=run.inp.bvec, stages=stages)
+    try:
+        write_participant_report(run.out, output_dir, bval=run.inp.bval, bvec=run.inp.bvec, stages=stages)
+    except Exception as exc:   # a report never fails the science it reports on
+        log.debug("%s: report failed", run.inp.label, exc_info=True)
+        raise StageSkipped(f"the HTML report could not be written ({type(exc).__name__}: {exc}); "
+                           "the next run tries again (details with -vv)") from None
 
 
 # --------------------------------------------------------------------------- stages of one run
