@@ -1,14 +1,17 @@
-# The two commands of the README:
+# The commands of the README:
 #   make demo   install tractoscale into .venv and run it on the built-in demo dataset
 #   make test   install the test dependencies into .venv and run the whole test suite
+#   make image  build the container image with docker or podman (see the Dockerfile's build arguments)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
+# Every package pinned: the versions the image ships are the versions the tests run on
+PINS   := -c docker/constraints.txt
 # Numba compiles kernels once and reuses them between processes and runs
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +22,7 @@ venv: $(BIN)/python
 # 8 subjects (4 controls, 4 patients): with 2 vs 2 there are only 6 relabelings, so no
 # permutation test could reach p < 0.05; 4 vs 4 gives 70.
 demo: $(BIN)/python
-	$(BIN)/python -m pip install --quiet .
+	$(BIN)/python -m pip install --quiet $(PINS) .
 	$(BIN)/tractoscale demo-data $(DEMO)/bids --subjects 8 --size small
 	$(BIN)/tractoscale $(DEMO)/bids $(DEMO)/derivatives participant --nthreads 2 --seeds-per-voxel 4
 	$(BIN)/tractoscale $(DEMO)/bids $(DEMO)/derivatives group --stats-column group --n-permutations 500
@@ -30,8 +33,24 @@ demo: $(BIN)/python
 	@echo "  group outputs      : $(DEMO)/derivatives/group/"
 
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(PINS) -e ".[test]"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q
+
+# make image [ENGINE=docker|podman] [BASE_IMAGE=...] [TEMPLATEFLOW=skip] [BUILD_OPTS=...]
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE        ?= tractoscale/tractoscale:$(VERSION)
+ENGINE       ?= $(shell if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then echo docker; \
+                        elif command -v podman >/dev/null 2>&1; then echo podman; fi)
+TEMPLATEFLOW ?= fetch
+BASE_IMAGE   ?=
+BUILD_OPTS   ?=
+image:
+	@test -n "$(ENGINE)" || { echo "make image: needs docker (with its daemon running) or podman" >&2; exit 1; }
+	DOCKER_BUILDKIT=1 $(ENGINE) build --build-arg VERSION=$(VERSION) \
+	    --build-arg VCS_REF=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+	    --build-arg TEMPLATEFLOW=$(TEMPLATEFLOW) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	    $(BUILD_OPTS) -t $(IMAGE) .
+	$(ENGINE) image ls $(IMAGE)
 
 clean:
 	rm -rf $(DEMO) .numba_cache .pytest_cache build *.egg-info
