@@ -2,6 +2,7 @@
 #   make demo   install tractoscale into .venv and run it on the built-in demo dataset
 #   make test   install the test dependencies into .venv and run the whole test suite
 #   make image  build the container image with docker or podman (see the Dockerfile's build arguments)
+#   make sif    the image as an Apptainer SIF
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ PINS   := -c docker/constraints.txt
 # Numba compiles kernels once and reuses them between processes and runs
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: demo test venv clean image
+.PHONY: demo test venv clean image sif
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,16 @@ image:
 	    --build-arg TEMPLATEFLOW=$(TEMPLATEFLOW) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 	    $(BUILD_OPTS) -t $(IMAGE) .
 	$(ENGINE) image ls $(IMAGE)
+
+# make sif: the image as an Apptainer SIF, from the engine's copy (needs apptainer)
+SIF ?= tractoscale_$(VERSION).sif
+sif:
+	@test -n "$(ENGINE)" || { echo "make sif: needs docker (with its daemon running) or podman" >&2; exit 1; }
+	rm -f $(SIF).tar
+	$(ENGINE) save $(if $(filter podman,$(ENGINE)),--format docker-archive) -o $(SIF).tar $(IMAGE)
+	apptainer build --force $(SIF) docker-archive://$(CURDIR)/$(SIF).tar
+	rm -f $(SIF).tar
+	ls -l $(SIF)
 
 clean:
 	rm -rf $(DEMO) .numba_cache .pytest_cache build *.egg-info

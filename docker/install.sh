@@ -164,7 +164,7 @@ mkdir "$BUILD_SRC"
 tar -C "$SRC" -cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build --exclude=./dist \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.py[cod]' --exclude=./.numba_cache \
     --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.whl \
-    --exclude=./.gl --exclude=./demo --exclude=./work --exclude='*.sif' . | tar -C "$BUILD_SRC" -xf -
+    --exclude=./.gl --exclude=./demo --exclude=./work --exclude='*.sif' --exclude='*.sif.tar' . | tar -C "$BUILD_SRC" -xf -
 target="$BUILD_SRC"
 [ -n "$EXTRAS" ] && target="$BUILD_SRC[$EXTRAS]"
 say "pip install $SRC${EXTRAS:+[$EXTRAS]}"

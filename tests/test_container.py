@@ -321,6 +321,23 @@ def test_versions_agree_everywhere():
     assert version in set(re.findall(rf"{IMAGE}:([\w.+-]+)", DOCS.read_text()))
 
 
+def test_permission_hint_only_for_docker_permission_errors(monkeypatch):
+    """Exit 73 in `docker run` without -u: the one-line error says how to run as yourself
+    (end to end in tests/test_image.py)."""
+    import errno
+
+    from bids_app.derivatives import permission_hint
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    for var in ("TRACTOSCALE_CONTAINER_TYPE", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
+        monkeypatch.delenv(var, raising=False)
+    assert permission_hint(denied) == ""  # not in a container
+    monkeypatch.setenv("TRACTOSCALE_CONTAINER_TYPE", "docker")
+    assert f"uid {os.getuid()}" in permission_hint(denied) and '-u "$(id -u):$(id -g)"' in permission_hint(denied)
+    assert permission_hint(OSError(errno.EROFS, "Read-only file system")) == ""  # -u would not help
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/tractoscale.sif")  # Apptainer runs as you already
+    assert permission_hint(denied) == ""
+
+
 # --------------------------------------------------------------------------- pinned packages
 
 def _lock_image():
