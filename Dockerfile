@@ -60,7 +60,7 @@ RUN --mount=type=bind,source=.,target=/src,rw \
     bash /src/docker/install.sh --src /src --prefix /opt/tractoscale \
         --constraints /src/docker/constraints.txt \
         --templateflow-home /opt/templateflow --templates "${TEMPLATEFLOW}" \
-        --expect-version "${VERSION}" --user tractoscale --uid 10001
+        --expect-version "${VERSION}" --user tractoscale --uid 10001 --link /usr/local/bin
 
 USER 10001:10001
 WORKDIR /tmp

@@ -36,6 +36,8 @@ Usage: docker/install.sh [options]
   --skip-templates         the same as --templates skip
   --templates-tries N      attempts before giving up on TemplateFlow's servers (default: 3)
   --expect-version V       fail unless the installed tractoscale reports version V
+  --link DIR               also link the tractoscale command into DIR (the image: /usr/local/bin, on
+                           the PATH that login shells set, e.g. the jobs bosh runs under Apptainer)
   --user NAME              non-root user to create (default: tractoscale)
   --uid N                  its uid and gid (default: 10001)
   --no-user                do not create a user (CI, or installs without root)
@@ -56,6 +58,7 @@ EXPECT_VERSION=""
 USER_NAME=tractoscale
 USER_ID=10001
 MAKE_USER=1
+LINK_DIR=""
 SYSTEM_PACKAGES=1
 
 value() {  # the value after an option, or a usage error
@@ -79,6 +82,7 @@ while [ $# -gt 0 ]; do
         --python) PYTHON="$(value "$@")"; shift 2 ;;
         --templateflow-home) TF_HOME="$(value "$@")"; shift 2 ;;
         --expect-version) EXPECT_VERSION="$(value "$@")"; shift 2 ;;
+        --link) LINK_DIR="$(value "$@")"; shift 2 ;;
         --user) USER_NAME="$(value "$@")"; shift 2 ;;
         --uid) USER_ID="$(value "$@")"; shift 2 ;;
         --skip-templates) SKIP_TEMPLATES=1; shift ;;
@@ -225,6 +229,11 @@ if [ "$MAKE_USER" = 1 ]; then
         groupadd --gid "$USER_ID" "$USER_NAME"
         useradd --uid "$USER_ID" --gid "$USER_ID" --create-home --shell /usr/sbin/nologin "$USER_NAME"
     fi
+fi
+if [ -n "$LINK_DIR" ]; then
+    mkdir -p "$LINK_DIR"
+    ln -sf "$PREFIX/bin/tractoscale" "$LINK_DIR/tractoscale"
+    say "linked $LINK_DIR/tractoscale"
 fi
 chmod -R a+rX "$PREFIX"
 say "done: $PREFIX/bin/tractoscale"

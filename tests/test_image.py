@@ -136,16 +136,9 @@ def test_unwritable_output_folder_says_how_to_run_as_yourself(engine, user, bids
     assert "uid 10001" in lines[0] and '-u "$(id -u):$(id -g)"' in lines[0]
 
 
-def test_bosh_exec_launch_in_the_image(engine, bids, tmp_path, monkeypatch):
-    """The README's Boutiques invocation, through the engine (bosh calls `docker`: podman stands in)."""
+def bosh_participant(tmp_path: Path, bids: Path, *launch_options: str) -> Path:
+    """The README's Boutiques invocation for subject 01, launched in the image; its output folder."""
     from boutiques import bosh
-    if engine == "podman":
-        shim_dir = tmp_path / "bin"
-        shim_dir.mkdir()
-        shim = shim_dir / "docker"
-        shim.write_text(f'#!/bin/sh\nexec "{shutil.which("podman")}" "$@"\n')
-        shim.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{shim_dir}{os.pathsep}{os.environ['PATH']}")
     descriptor = json.loads((ROOT / "boutiques.json").read_text())
     descriptor["container-image"]["image"] = IMAGE
     desc_path = tmp_path / "boutiques.json"
@@ -156,14 +149,42 @@ def test_bosh_exec_launch_in_the_image(engine, bids, tmp_path, monkeypatch):
     inv.write_text(json.dumps({"bids_dir": str(bids), "output_dir": str(out), "analysis_level": "participant",
                                "participant_label": ["01"], "odf_model": "csa", "tracking": "none",
                                "nthreads": 2, "no_progress": True}))
-    monkeypatch.chdir(tmp_path)  # bosh mounts the working folder and writes its job script there
-    result = bosh(["exec", "launch", "-u", "--no-pull", "--skip-data-collection", str(desc_path), str(inv)])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # bosh mounts the working folder and writes its job script there
+    try:
+        result = bosh(["exec", "launch", *launch_options, "--skip-data-collection", str(desc_path), str(inv)])
+    finally:
+        os.chdir(cwd)
     assert result.exit_code == 0, f"{result.shell_command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert result.container_location == "Local copy" and result.missing_files == []
+    assert result.container_location != "" and result.missing_files == []
     fa = np.asarray(nib.load(out / "sub-01" / "dwi" / "sub-01_model-tensor_param-fa_dwimap.nii.gz").dataobj)
     assert 0.3 < fa.max() <= 1
     assert not (out / "sub-02").exists()
-    assert json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Container"]["Type"] == "docker"
+    return out
+
+
+def test_bosh_exec_launch_in_the_image(engine, bids, tmp_path, monkeypatch):
+    """bosh runs `docker run ... IMAGE job.sh`: with podman, a `docker` that calls podman stands in."""
+    if engine == "podman":
+        shim_dir = tmp_path / "bin"
+        shim_dir.mkdir()
+        shim = shim_dir / "docker"
+        shim.write_text(f'#!/bin/sh\nexec "{shutil.which("podman")}" "$@"\n')
+        shim.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{shim_dir}{os.pathsep}{os.environ['PATH']}")
+    out = bosh_participant(tmp_path, bids, "-u", "--no-pull")
+    container = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Container"]
+    assert container == {"Type": "docker", "Tag": f"tractoscale/tractoscale:{VERSION}"}
+
+
+@pytest.mark.skipif(shutil.which("apptainer") is None, reason="no apptainer")
+def test_bosh_exec_launch_with_apptainer(bids, tmp_path):
+    """bosh runs `apptainer exec --cleanenv ... SIF job.sh`, the job a login shell (#!/bin/sh -l)."""
+    if not SIF.is_file():
+        pytest.skip(f"no {SIF}: build it with make sif")
+    out = bosh_participant(tmp_path, bids, "--force-apptainer", "--imagepath", str(SIF))
+    container = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["Container"]
+    assert container["Type"] == "singularity"
 
 
 @pytest.mark.skipif(shutil.which("apptainer") is None, reason="no apptainer")
