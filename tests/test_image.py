@@ -48,6 +48,12 @@ def engine() -> str:
         pytest.skip("no container engine (docker or podman) answers")
     if subprocess.run([name, "image", "inspect", IMAGE], capture_output=True).returncode != 0:
         pytest.skip(f"no image {IMAGE}: build it with make image")
+    # An engine that answers may still be unable to start any container here (a sandbox without
+    # the privileges its runtime wants): that is no engine, not a broken image.
+    probe = subprocess.run([name, "run", "--rm", "--network", "none", "--entrypoint", "/bin/true", IMAGE],
+                           capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0:
+        pytest.skip(f"{name} cannot start a container here: {probe.stderr.strip()[-300:]}")
     return name
 
 
