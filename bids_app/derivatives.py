@@ -180,6 +180,16 @@ def container_info() -> dict | None:
     return info
 
 
+def permission_hint(exc: OSError) -> str:
+    """Advice for a Docker user whose output folder refused the container's user, or ''."""
+    import errno
+    info = container_info()
+    if exc.errno not in (errno.EACCES, errno.EPERM) or not info or info["Type"] != "docker":
+        return ""
+    return (f" (the container runs as uid {os.getuid()}, which may not write there: "
+            "run it as yourself with docker run -u \"$(id -u):$(id -g)\" ...)")
+
+
 def generated_by() -> dict:
     entry = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL}
     container = container_info()

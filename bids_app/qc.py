@@ -21,10 +21,9 @@ def _mid_slices(vol: np.ndarray):
 def streamline_density(tractogram: Path, shape, affine) -> np.ndarray | None:
     """Visits per voxel of the tractogram's points (None if it cannot be read)."""
     try:
-        from trx.trx_file_memmap import load as trx_load
-        trx = trx_load(str(tractogram))
-        pts = np.asarray(trx.streamlines._data, dtype=np.float64)
-        trx.close()
+        from .trx_reader import open_trx
+        with open_trx(tractogram) as trx:
+            pts = np.asarray(trx.streamlines.get_data(), dtype=np.float64)
     except Exception as exc:  # QC must never fail the run
         log.warning("QC: cannot read %s (%s)", tractogram, exc)
         return None

@@ -7,11 +7,13 @@
 #
 # Steps:
 #   1. find Python >= 3.11; only if there is none, install it with apt-get (needs root)
-#   2. create a venv at --prefix and `pip install SRC[EXTRAS]` (default extras: cuda,dask)
-#   3. fetch the TemplateFlow files the app uses into --templateflow-home (skip with --skip-templates:
-#      CI cannot reach TemplateFlow's S3 servers), and the reports' 3D viewer (niivue's browser build,
-#      `tractoscale install-viewer`: npm from the npm registry; skip with --skip-viewer). Without npm,
-#      as root, Node.js/npm are installed with apt-get for this step and removed after it.
+#   2. create a venv at --prefix and `pip install SRC[EXTRAS]` (default extras: cuda,dask), every
+#      package pinned by docker/constraints.txt (tools/lock_image.py writes it; CI installs the same)
+#   3. fetch the TemplateFlow files the app uses into --templateflow-home, retrying (skip with
+#      --templates skip: CI cannot reach TemplateFlow's S3 servers)
+#      and the reports' 3D viewer (niivue's browser build, `tractoscale install-viewer`: npm from the
+#      npm registry; skip with --skip-viewer). Without npm, as root, Node.js/npm are installed with
+#      apt-get for this step and removed after it.
 #   4. checks and safe warm-up: `tractoscale --version` (and --expect-version), the full argument parser,
 #      and, with the cuda extra, NVVM compiling a small kernel to PTX (no GPU or driver needed)
 #   5. create the non-root user the image runs as (skip with --no-user)
@@ -28,12 +30,18 @@ Usage: docker/install.sh [options]
   --prefix DIR             virtual environment to create (default: /opt/tractoscale)
   --src DIR                tractoscale source tree (default: the folder above this script)
   --extras LIST            pip extras, comma separated, '' for none (default: cuda,dask)
+  --constraints FILE       pip constraints pinning every package (default: SRC/docker/constraints.txt;
+                           '' installs the newest releases instead)
   --python EXE             Python >= 3.11 to build the venv from (default: the first of python3.13,
                            python3.12, python3.11, python3 that is new enough and has venv)
   --templateflow-home DIR  where TemplateFlow files go (default: $TEMPLATEFLOW_HOME or /opt/templateflow)
-  --skip-templates         do not fetch TemplateFlow files (they come from TemplateFlow's servers)
+  --templates fetch|skip   fetch the TemplateFlow files from TemplateFlow's servers (default), or not
+  --skip-templates         the same as --templates skip
+  --templates-tries N      attempts before giving up on TemplateFlow's servers (default: 3)
   --skip-viewer            do not install the reports' 3D viewer (niivue, from the npm registry)
   --expect-version V       fail unless the installed tractoscale reports version V
+  --link DIR               also link the tractoscale command into DIR (the image: /usr/local/bin, on
+                           the PATH that login shells set, e.g. the jobs bosh runs under Apptainer)
   --user NAME              non-root user to create (default: tractoscale)
   --uid N                  its uid and gid (default: 10001)
   --no-user                do not create a user (CI, or installs without root)
@@ -47,12 +55,15 @@ SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS=cuda,dask
 PYTHON=""
 TF_HOME="${TEMPLATEFLOW_HOME:-/opt/templateflow}"
+CONSTRAINTS=default
 SKIP_TEMPLATES=0
 SKIP_VIEWER=0
+TEMPLATE_TRIES=3
 EXPECT_VERSION=""
 USER_NAME=tractoscale
 USER_ID=10001
 MAKE_USER=1
+LINK_DIR=""
 SYSTEM_PACKAGES=1
 
 value() {  # the value after an option, or a usage error
@@ -64,9 +75,19 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX="$(value "$@")"; shift 2 ;;
         --src) SRC="$(value "$@")"; shift 2 ;;
         --extras) EXTRAS="$(value "$@")"; shift 2 ;;
+        --constraints) CONSTRAINTS="$(value "$@")"; shift 2 ;;
+        --templates)
+            case "$(value "$@")" in
+                fetch) SKIP_TEMPLATES=0 ;;
+                skip) SKIP_TEMPLATES=1 ;;
+                *) echo "install.sh: --templates takes fetch or skip, not '$2'" >&2; exit 64 ;;
+            esac
+            shift 2 ;;
+        --templates-tries) TEMPLATE_TRIES="$(value "$@")"; shift 2 ;;
         --python) PYTHON="$(value "$@")"; shift 2 ;;
         --templateflow-home) TF_HOME="$(value "$@")"; shift 2 ;;
         --expect-version) EXPECT_VERSION="$(value "$@")"; shift 2 ;;
+        --link) LINK_DIR="$(value "$@")"; shift 2 ;;
         --user) USER_NAME="$(value "$@")"; shift 2 ;;
         --uid) USER_ID="$(value "$@")"; shift 2 ;;
         --skip-templates) SKIP_TEMPLATES=1; shift ;;
@@ -82,6 +103,9 @@ say() { printf '[install.sh %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
 
 [ -f "$SRC/pyproject.toml" ] || die "no pyproject.toml in --src $SRC"
+[ "$CONSTRAINTS" = default ] && CONSTRAINTS="$SRC/docker/constraints.txt"
+[ -z "$CONSTRAINTS" ] || [ -f "$CONSTRAINTS" ] || die "no constraints file $CONSTRAINTS"
+[[ "$TEMPLATE_TRIES" =~ ^[1-9][0-9]*$ ]] || { echo "install.sh: --templates-tries takes a positive integer" >&2; exit 64; }
 if [ "$MAKE_USER" = 1 ] && [ "$(id -u)" != 0 ]; then
     die "creating the user needs root (use --no-user)"
 fi
@@ -135,8 +159,13 @@ isolated() {
 say "creating the virtual environment $PREFIX"
 "$PYTHON" -m venv "$PREFIX"
 VPY="$PREFIX/bin/python"
+PINS=()
+if [ -n "$CONSTRAINTS" ]; then
+    PINS=(--constraint "$CONSTRAINTS")
+    say "versions pinned by $CONSTRAINTS"
+fi
 # The pip that ensurepip bundles can be old (Debian 12: 23.0, which still runs setup.py installs).
-isolated "$VPY" -m pip install --no-cache-dir --quiet --upgrade pip
+isolated "$VPY" -m pip install --no-cache-dir --quiet --upgrade "${PINS[@]}" pip
 # pip builds in the source tree; build from a clean copy so the tree is left untouched and stale
 # build/ or *.egg-info folders in it cannot leak old modules into the install.
 BUILD_SRC="$SCRATCH/src"
@@ -145,33 +174,30 @@ mkdir "$BUILD_SRC"
 tar -C "$SRC" -cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build --exclude=./dist \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.py[cod]' --exclude=./.numba_cache \
     --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.whl \
-    --exclude=./.gl --exclude=./demo --exclude=./work --exclude='*.sif' . | tar -C "$BUILD_SRC" -xf -
+    --exclude=./.gl --exclude=./demo --exclude=./work --exclude='*.sif' --exclude='*.sif.tar' . | tar -C "$BUILD_SRC" -xf -
 target="$BUILD_SRC"
 [ -n "$EXTRAS" ] && target="$BUILD_SRC[$EXTRAS]"
 say "pip install $SRC${EXTRAS:+[$EXTRAS]}"
 # No pip cache (nothing to keep in an image layer); wheels preferred over building sdists.
 # (pip also compiles every module to bytecode: the image's site-packages is read-only at run time.)
-isolated "$VPY" -m pip install --no-cache-dir --prefer-binary --progress-bar off --quiet "$target"
+if ! isolated "$VPY" -m pip install --no-cache-dir --prefer-binary --progress-bar off --quiet \
+        "${PINS[@]}" "$target"; then
+    [ -z "$CONSTRAINTS" ] && die "pip could not install $target"
+    die "pip could not install the versions pinned in $CONSTRAINTS on Python" \
+        "$("$VPY" -c 'import platform; print(platform.python_version())'): relock them for this Python" \
+        "(python tools/lock_image.py) or install the newest releases with --constraints ''"
+fi
 [ -x "$PREFIX/bin/tractoscale" ] || die "pip did not install the tractoscale command"
 
 # --------------------------------------------------------------------------- 3. TemplateFlow
 if [ "$SKIP_TEMPLATES" = 1 ]; then
-    say "skipping TemplateFlow templates (--skip-templates)"
+    say "skipping TemplateFlow templates (--templates skip)"
 else
     say "fetching TemplateFlow MNI152NLin2009cAsym (res 1 and 2) into $TF_HOME"
     mkdir -p "$TF_HOME"
-    isolated TEMPLATEFLOW_HOME="$TF_HOME" TEMPLATEFLOW_AUTOUPDATE=0 "$VPY" - <<'EOF'
-import templateflow.api as tf
-
-WANTED = [dict(suffix="T1w", desc=None), dict(suffix="mask", desc="brain"),
-          dict(suffix="probseg", label="WM")]
-for res in (1, 2):
-    for query in WANTED:
-        path = tf.get("MNI152NLin2009cAsym", resolution=res, extension=".nii.gz", **query)
-        if not path or isinstance(path, list) or path.stat().st_size < 1000:
-            raise SystemExit(f"TemplateFlow returned {path!r} for res-{res} {query}")
-        print(f"  {path}")
-EOF
+    # (on failure it prints one line naming the way to build without them)
+    isolated TEMPLATEFLOW_HOME="$TF_HOME" TEMPLATEFLOW_AUTOUPDATE=0 \
+        "$VPY" "$SRC/docker/fetch_templates.py" --tries "$TEMPLATE_TRIES" || exit 1
     chmod -R a+rX "$TF_HOME"
 fi
 
@@ -234,6 +260,11 @@ if [ "$MAKE_USER" = 1 ]; then
         groupadd --gid "$USER_ID" "$USER_NAME"
         useradd --uid "$USER_ID" --gid "$USER_ID" --create-home --shell /usr/sbin/nologin "$USER_NAME"
     fi
+fi
+if [ -n "$LINK_DIR" ]; then
+    mkdir -p "$LINK_DIR"
+    ln -sf "$PREFIX/bin/tractoscale" "$LINK_DIR/tractoscale"
+    say "linked $LINK_DIR/tractoscale"
 fi
 chmod -R a+rX "$PREFIX"
 say "done: $PREFIX/bin/tractoscale"

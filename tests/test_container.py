@@ -1,9 +1,10 @@
 """Container, install script, Boutiques descriptor and cluster docs.
 
 No Docker engine runs in CI, so the image is checked through its parts: hadolint on the Dockerfile,
-the Dockerfile's settings, docker/install.sh run for real into a temporary venv (the one step the
-Dockerfile runs), the Boutiques descriptor against the live argparse parser and through `bosh`, and
-the commands in the README's container section against the parser and the version.
+the Dockerfile's settings, the pinned package set resolved for the image's Python, docker/install.sh
+run for real into a temporary venv (the one step the Dockerfile runs), the Boutiques descriptor
+against the live argparse parser and through `bosh`, and the commands in the README's container
+section against the parser and the version. tests/test_image.py runs a built image, where there is one.
 """
 import argparse
 import importlib.util
@@ -28,6 +29,7 @@ DESCRIPTOR = ROOT / "boutiques.json"
 DOCKERFILE = ROOT / "Dockerfile"
 INSTALL = ROOT / "docker" / "install.sh"
 DOCS = ROOT / "README.md"
+LOCK = ROOT / "docker" / "constraints.txt"
 IMAGE = "tractoscale/tractoscale"
 
 
@@ -134,19 +136,48 @@ def test_committed_descriptor_is_regenerated_output(tmp_path):
     assert mb.main(["--check"]) == 0
 
 
-def test_bosh_validate_bids(tmp_path):
+def bids_complaints(path) -> list[str]:
+    """The problems ``bosh validate --bids`` finds (empty: none)."""
     from boutiques import bosh
     from boutiques.validator import DescriptorValidationError
-    bosh(["validate", str(DESCRIPTOR), "--bids"])  # raises on failure
+    try:
+        bosh(["validate", str(path), "--bids"])
+    except DescriptorValidationError as exc:
+        return [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return []
 
-    broken = load_descriptor()  # without [SESSION_LABEL], no longer a BIDS App descriptor
+
+def test_bosh_validate_bids(tmp_path):
+    from boutiques import bosh
+    bosh(["validate", str(DESCRIPTOR)])  # a valid Boutiques descriptor (raises otherwise)
+    # A BIDS App descriptor but for one deliberate difference: the output folder is one File input
+    # (bosh mounts it), where --bids wants a File and a String sharing [OUTPUT_DIR].
+    complaints = bids_complaints(DESCRIPTOR)
+    assert len(complaints) == 1 and complaints[0].startswith("OutError"), complaints
+
+    broken = load_descriptor()  # without [SESSION_LABEL], no longer a BIDS App command line
     broken["command-line"] = broken["command-line"].replace(" [SESSION_LABEL]", "", 1)
     broken["inputs"] = [i for i in broken["inputs"] if i["id"] != "session_label"]
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     bosh(["validate", str(path)])  # still a valid Boutiques descriptor...
-    with pytest.raises(DescriptorValidationError):
-        bosh(["validate", str(path), "--bids"])  # ...but not a BIDS App one
+    assert any(c.startswith("CLIError") for c in bids_complaints(path))  # ...but not a BIDS App one
+
+
+def test_descriptor_inputs_are_mountable_and_keys_unique():
+    """bosh exec launch mounts File inputs only and substitutes every input of a value key."""
+    descriptor = load_descriptor()
+    keys = [i["value-key"] for i in descriptor["inputs"]]
+    assert len(keys) == len(set(keys))
+    assert all(k in descriptor["command-line"] for k in keys)
+    by_id = {i["id"]: i for i in descriptor["inputs"]}
+    for needed in ("bids_dir", "output_dir"):
+        assert by_id[needed]["type"] == "File" and by_id[needed]["optional"] is False
+    mb = _make_boutiques()
+    parser = build_parser()
+    parser.add_argument("--output_dir", dest="clash")  # normalises to output_dir's key
+    with pytest.raises(ValueError, match="one per input"):
+        mb.build_descriptor(parser)
 
 
 def test_descriptor_image_and_resources():
@@ -170,6 +201,7 @@ def test_bosh_exec_launch_runs_the_app(demo_bids, tmp_path, monkeypatch):
 
     descriptor = load_descriptor()
     out = tmp_path / "derivatives"
+    out.mkdir()  # as the README says: bosh mounts only paths that exist
     invocation = {"bids_dir": str(demo_bids), "output_dir": str(out), "analysis_level": "participant",
                   "participant_label": ["01"], "odf_model": "csa", "nthreads": 2, "no_progress": True}
     tracking = next((i for i in descriptor["inputs"] if i["id"] == "tracking"), None)
@@ -241,12 +273,18 @@ def test_hadolint_passes_on_the_dockerfile(tmp_path):
 def test_dockerfile_runs_only_the_install_script_and_runs_as_non_root():
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     words = [w for w, _ in instructions]
-    assert words[0] == "FROM" and words.count("FROM") == 1
-    base = instructions[0][1]
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(base|runtime)-ubuntu\d\d\.\d\d", base), base
+    # the base is a build argument (a local stand-in where the registry is unreachable)...
+    assert instructions[:2] == [("ARG", instructions[0][1]), ("FROM", "${BASE_IMAGE}")] and words.count("FROM") == 1
+    name, _, base = instructions[0][1].partition("=")
+    assert name == "BASE_IMAGE"
+    # ...whose default is the CUDA 12 base on Ubuntu 24.04, the Python tools/lock_image.py pins for
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(base|runtime)-ubuntu24\.04", base), base
+    assert _lock_image().IMAGE_PYTHON == "3.12"
     runs = [rest for w, rest in instructions if w == "RUN"]
     assert len(runs) == 1 and "docker/install.sh" in runs[0]
     assert "--expect-version" in runs[0] and "--skip-templates" not in runs[0]
+    assert "--constraints /src/docker/constraints.txt" in runs[0]
+    assert '--templates "${TEMPLATEFLOW}"' in runs[0] and ("ARG", "TEMPLATEFLOW=fetch") in instructions
     user = [rest for w, rest in instructions if w == "USER"][-1]
     assert re.fullmatch(r"\d+(:\d+)?", user) and int(user.split(":")[0]) != 0
     assert [rest for w, rest in instructions if w == "ENTRYPOINT"] == ['["tractoscale"]']
@@ -281,6 +319,66 @@ def test_versions_agree_everywhere():
         sifs = set(re.findall(r"tractoscale_([\w.+-]+?)\.sif", doc.read_text()))
         assert tags | sifs <= {version}, f"{doc.name}: {tags | sifs} but pyproject says {version}"
     assert version in set(re.findall(rf"{IMAGE}:([\w.+-]+)", DOCS.read_text()))
+
+
+def test_permission_hint_only_for_docker_permission_errors(monkeypatch):
+    """Exit 73 in `docker run` without -u: the one-line error says how to run as yourself
+    (end to end in tests/test_image.py)."""
+    import errno
+
+    from bids_app.derivatives import permission_hint
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    for var in ("TRACTOSCALE_CONTAINER_TYPE", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
+        monkeypatch.delenv(var, raising=False)
+    assert permission_hint(denied) == ""  # not in a container
+    monkeypatch.setenv("TRACTOSCALE_CONTAINER_TYPE", "docker")
+    assert f"uid {os.getuid()}" in permission_hint(denied) and '-u "$(id -u):$(id -g)"' in permission_hint(denied)
+    assert permission_hint(OSError(errno.EROFS, "Read-only file system")) == ""  # -u would not help
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/tractoscale.sif")  # Apptainer runs as you already
+    assert permission_hint(denied) == ""
+
+
+# --------------------------------------------------------------------------- pinned packages
+
+def _lock_image():
+    spec = importlib.util.spec_from_file_location("lock_image", ROOT / "tools" / "lock_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_pins_resolve_for_the_image_python():
+    """The pinned set resolves for the image's Python (3.12: not CI's) and leaves nothing unpinned.
+
+    Unpinned, pip took NumPy 2.5 on Python 3.12 (numba-cuda fails to import with it) while CI's 3.11
+    stopped at 2.4: the image broke with CI green. Pinned, CI installs what the image installs."""
+    lock = _lock_image()
+    try:
+        problems = lock.check(LOCK, pythons=(lock.IMAGE_PYTHON,))
+    except lock.LockError as exc:
+        if exc.offline:
+            pytest.skip(f"the package index is unreachable: {exc}")
+        raise
+    assert problems == [], "\n".join(problems) + "\nrun python tools/lock_image.py"
+    pins = lock.read_lock(LOCK)
+    assert pins["numpy"].startswith("2.4.") and "numba-cuda" in pins and "tractoscale" not in pins
+
+
+def test_pins_are_what_the_image_and_ci_install(tmp_path):
+    lock = _lock_image()
+    pins = lock.read_lock(LOCK)
+    assert LOCK.read_text() == lock.render(pins)  # sorted, normalised, with its header
+    # every direct requirement of the image is pinned, at a version the requirement admits
+    from packaging.requirements import Requirement
+    for text in lock.image_requirements():
+        req = Requirement(text)
+        name = lock.normalise(req.name)
+        assert name in pins, f"{name} is not pinned"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {req}"
+    assert "-c docker/constraints.txt" in (ROOT / "Makefile").read_text()  # CI (make test) installs them
+    stale = tmp_path / "constraints.txt"
+    stale.write_text(LOCK.read_text().replace("\nnumpy==", "\n# numpy=="))
+    assert "numpy" not in lock.read_lock(stale)
 
 
 # --------------------------------------------------------------------------- docs
@@ -345,8 +443,28 @@ def test_install_script_rejects_bad_usage(tmp_path):
                            "--python", str(tmp_path / "no-python")], capture_output=True, text=True)
     assert proc.returncode != 0 and "no-python" in proc.stderr
     assert not (tmp_path / "env").exists()
+    proc = subprocess.run(["bash", str(INSTALL), "--no-user", "--templates", "maybe"], capture_output=True, text=True)
+    assert proc.returncode == 64 and "fetch or skip" in proc.stderr
+    proc = subprocess.run(["bash", str(INSTALL), "--no-user", "--prefix", str(tmp_path / "env"),
+                           "--constraints", str(tmp_path / "none.txt")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no constraints file" in proc.stderr and not (tmp_path / "env").exists()
     proc = subprocess.run(["bash", "-n", str(INSTALL)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_template_fetch_without_a_route_fails_in_one_line_naming_the_build_argument(tmp_path):
+    """No route to TemplateFlow's servers (a proxy on a closed local port stands in): retried,
+    then one line naming the way out, no traceback."""
+    env = {**os.environ, "TEMPLATEFLOW_HOME": str(tmp_path / "tf"), "TEMPLATEFLOW_AUTOUPDATE": "0",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "",
+           "no_proxy": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "docker" / "fetch_templates.py"), "--tries", "2",
+                           "--wait", "0.1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "attempt 1/2 failed" in proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("install.sh: error:")]
+    assert len(errors) == 1 and "--build-arg TEMPLATEFLOW=skip" in errors[0] and "2 attempts" in errors[0]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -5,10 +5,16 @@
     python tools/make_boutiques.py --check   # exit 1 if boutiques.json is out of date
 
 Every option of :func:`bids_app.cli.build_parser` becomes one input (``--help`` and ``--version``
-excepted, and options whose help is suppressed). The layout follows what ``bosh validate --bids``
-requires of a BIDS App: ``mkdir -p [OUTPUT_DIR]; tractoscale [BIDS_DIR] [OUTPUT_DIR]
-[ANALYSIS_LEVEL] [PARTICIPANT_LABEL] [SESSION_LABEL] ...``, the output folder as two mutually
-exclusive inputs (String and File) and as the single output file.
+excepted, and options whose help is suppressed). Each input has its own value key.
+
+The command line has the BIDS App layout ``bosh validate --bids`` looks for (``mkdir -p
+[OUTPUT_DIR]; tractoscale [BIDS_DIR] [OUTPUT_DIR] [ANALYSIS_LEVEL] [PARTICIPANT_LABEL]
+[SESSION_LABEL] ...``, the output folder as the one output file), with one deliberate difference:
+the output folder is a single ``File`` input, where ``--bids`` asks for two inputs sharing the
+``[OUTPUT_DIR]`` key, a File and a String. ``bosh exec launch`` mounts only File inputs into the
+container (a String output folder is never mounted: the run cannot write its outputs), and it
+substitutes every input of a shared key, the absent one erasing the key from the command line.
+bosh mounts a File input only if it exists: create the output folder before launching.
 """
 from __future__ import annotations
 
@@ -118,16 +124,11 @@ def _positional(parser, action: argparse.Action, levels) -> list[dict]:
         return [{"id": "bids_dir", "name": "BIDS dataset", "type": "File", "description": desc,
                  "value-key": "[BIDS_DIR]", "optional": False}]
     if action.dest == "output_dir":
-        # bosh --bids wants the output folder both as a String (a new folder) and as a File
-        # (an existing folder, e.g. the participant outputs a group run reads), mutually exclusive.
-        return [
-            {"id": "output_dir", "name": "Output directory", "type": "String",
-             "description": desc, "value-key": "[OUTPUT_DIR]",
-             "optional": True},
-            {"id": "output_dir_existing", "name": "Existing output directory", "type": "File",
-             "description": "an existing output folder, e.g. the participant outputs a group-level run "
-                            "reads", "value-key": "[OUTPUT_DIR]", "optional": True},
-        ]
+        # a File, so that bosh mounts it (see the module's docstring)
+        return [{"id": "output_dir", "name": "Output directory", "type": "File",
+                 "description": f"{desc}; create it before bosh exec launch, which mounts only "
+                                "paths that exist",
+                 "value-key": "[OUTPUT_DIR]", "optional": False}]
     if action.dest == "analysis_level":
         return [{"id": "analysis_level", "name": "Analysis level", "type": "String", "description": desc,
                  "value-key": "[ANALYSIS_LEVEL]", "value-choices": list(levels), "optional": False}]
@@ -150,10 +151,10 @@ def build_descriptor(parser: argparse.ArgumentParser | None = None, version: str
     inputs = [inp for a in positionals for inp in _positional(parser, a, LEVELS)]
     inputs += [_input(parser, a) for a in optionals]
     keys = ["[BIDS_DIR]", "[OUTPUT_DIR]", "[ANALYSIS_LEVEL]"] + [value_key(a) for a in optionals]
-    groups = [{"id": "output_directory", "name": "Output directory",
-               "description": "the output folder: a new one, or an existing one",
-               "members": ["output_dir", "output_dir_existing"],
-               "mutually-exclusive": True, "one-is-required": True}]
+    shared = sorted({k for k in keys if keys.count(k) > 1})
+    if shared or len(keys) != len(inputs):
+        raise ValueError(f"value keys must be one per input (bosh substitutes every input of a key): {shared}")
+    groups = []
     for i, group in enumerate(parser._mutually_exclusive_groups):
         members = [input_id(a) for a in group._group_actions if a in optionals]
         if len(members) > 1:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..config import Config
-from ..derivatives import bids_name, ensure_dataset_description, run_label, save_nifti, sidecar_path, subject_dir
+from ..derivatives import (bids_name, ensure_dataset_description, permission_hint, run_label, save_nifti,
+                           sidecar_path, subject_dir)
 from ..discovery import DwiInput, check_bids_dir, check_not_inside, discover, load_filter_file, select_subjects
 from ..errors import OutputError, TractoscaleError
 from ..stages import RECORD_DIR, Stage, StageSkipped, plan
@@ -396,7 +397,8 @@ def prepare(config: Config) -> list[str]:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write to output_dir {config.output_dir}: {exc.strerror}") from None
+        raise OutputError(f"cannot write to output_dir {config.output_dir}: {exc.strerror}"
+                          f"{permission_hint(exc)}") from None
     return subjects
 
 

@@ -110,16 +110,13 @@ def load_streamlines(path: Path):
             return nib.streamlines.load(str(path)).streamlines.copy()   # nibabel returns RAS+ mm
         except Exception as exc:
             raise InputDataError(f"cannot read tractogram {path}: {exc}") from None
-    from trx.trx_file_memmap import load
+    from ...trx_reader import open_trx
 
     try:
-        trx = load(str(path))
+        with open_trx(path) as trx:
+            return trx.streamlines.copy()
     except Exception as exc:
         raise InputDataError(f"cannot read tractogram {path}: {exc}") from None
-    try:
-        return trx.streamlines.copy()
-    finally:
-        trx.close()
 
 
 # --------------------------------------------------------------------------- one participant

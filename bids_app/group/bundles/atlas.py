@@ -118,27 +118,24 @@ def load_atlas(path: Path | str, npts: int = N_POINTS, max_per_bundle: int | Non
 
     ``max_per_bundle`` keeps a random subset of each bundle (fast runs on big atlases).
     """
-    from trx.trx_file_memmap import load
+    from ...trx_reader import open_trx
 
     path = Path(path)
     if not path.exists():
         raise NoInputError(f"atlas {path} does not exist")
+    rng = np.random.default_rng(seed)
+    bundles = {}
     try:
-        trx = load(str(path))
+        with open_trx(path) as trx:
+            for name in sorted(trx.groups):
+                idx = np.asarray(trx.groups[name], dtype=np.int64)
+                if max_per_bundle and len(idx) > max_per_bundle:
+                    idx = np.sort(rng.choice(idx, max_per_bundle, replace=False))
+                bundles[name] = trx.streamlines[idx].copy()
     except Exception as exc:  # trx raises assorted errors on a bad file
         raise InputDataError(f"cannot read atlas {path} as TRX: {exc}") from None
-    try:
-        if not trx.groups:
-            raise InputDataError(f"atlas {path} has no groups: its groups must be the bundle labels")
-        rng = np.random.default_rng(seed)
-        bundles = {}
-        for name in sorted(trx.groups):
-            idx = np.asarray(trx.groups[name], dtype=np.int64)
-            if max_per_bundle and len(idx) > max_per_bundle:
-                idx = np.sort(rng.choice(idx, max_per_bundle, replace=False))
-            bundles[name] = trx.streamlines[idx].copy()
-    finally:
-        trx.close()
+    if not bundles:
+        raise InputDataError(f"atlas {path} has no groups: its groups must be the bundle labels")
     atlas = Atlas.from_streamlines(bundles, npts, source=str(path))
     log.info("atlas %s: %s", path, atlas.counts())
     return atlas

@@ -171,12 +171,11 @@ def participant_outputs_from_demo(bids_dir, output_dir, *, copies: int = 2, n_sp
     import nibabel as nib
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
-    from trx.trx_file_memmap import load
-
     from ...demo import phantom
     from ...demo.dataset import write_trx
     from ...demo.phantom import BUNDLES
     from ...derivatives import bids_name, save_nifti, subject_dir
+    from ...trx_reader import open_trx
     from ..transforms import DisplacementField, SubjectTransform
 
     bids_dir, output_dir = Path(bids_dir), Path(output_dir)
@@ -201,9 +200,8 @@ def participant_outputs_from_demo(bids_dir, output_dir, *, copies: int = 2, n_sp
             save_nifti(np.nan_to_num(arr), img.affine,
                        d / bids_name({**ents, "model": "tensor", "param": name}, "dwimap", ".nii.gz"))
         field = DisplacementField.load(gt / rel / f"{stem}_desc-deformation_xfm.nii.gz")
-        trx = load(str(gt / rel / f"{stem}_tractogram.trx"))
-        true = {b: [np.asarray(trx.streamlines[i], float) for i in trx.groups[b]] for b in trx.groups}
-        trx.close()
+        with open_trx(gt / rel / f"{stem}_tractogram.trx") as trx:
+            true = {b: [np.asarray(trx.streamlines[i], float) for i in trx.groups[b]] for b in trx.groups}
         rng = np.random.default_rng([seed, k])
         fib = jittered_bundles(true, rng, copies)
         spur_t = spurious_curves(n_spurious, rng, lambda p: phantom.tissue_class(p, geom) > 0, avoid,
@@ -231,13 +229,10 @@ def participant_outputs_from_demo(bids_dir, output_dir, *, copies: int = 2, n_sp
 
 def template_trajectories_from(path) -> dict:
     """``{group: [fibres]}`` of a TRX file."""
-    from trx.trx_file_memmap import load
+    from ...trx_reader import open_trx
 
-    trx = load(str(path))
-    try:
+    with open_trx(path) as trx:
         return {b: [np.asarray(trx.streamlines[i], float) for i in trx.groups[b]] for b in trx.groups}
-    finally:
-        trx.close()
 
 
 def random_bundles(n_fibres: int, n_bundles: int = 80, seed: int = 0, npts: int = 20,
