@@ -9,11 +9,13 @@ execution spec (see :mod:`bids_app.errors`); never a traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
+from . import resources
 from .config import LEVELS, Config, Parser, build_parser
-from .errors import EXIT_USAGE, TractoscaleError
-from .resources import ensure_numba_cache_dir, limit_threads
+from .errors import EXIT_USAGE, TractoscaleError, describe_os_error
+from .resources import ensure_numba_cache_dir, isolate_imports, limit_threads
 
 log = logging.getLogger("tractoscale")
 
@@ -25,6 +27,9 @@ def _setup_logging(verbosity: int):
     logging.getLogger("tractoscale").setLevel(min(level, logging.INFO))
     for noisy in ("numba", "bids", "matplotlib", "distributed", "asyncio", "h5py", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # a log file on a full disk must not print tracebacks ("--- Logging error ---") between the
+    # messages; the fault itself is reported where the outputs fail to be written
+    logging.raiseExceptions = False
     # trx-python logs its temporary folders with logging.info() on the root logger; a filter on
     # the root logger drops them for every handler, the per-run log files included
     logging.getLogger().addFilter(_quiet_root_info)
@@ -51,26 +56,53 @@ def run(argv=None) -> int:
         return _run_demo_data(argv[1:])
     config = Config.from_argv(argv)
     _setup_logging(config.execution.verbose)
+    ensure_numba_cache_dir()     # before anything imports numba
+    if resources.numba_cache_note:
+        log.info(resources.numba_cache_note)
     limit_threads(config.resources)
     from .preflight import preflight
     preflight(config)
-    if config.analysis_level == "participant":
-        from .workflows.participant import run_participant_level
-        return run_participant_level(config)
-    from .workflows.group import run_group_level
-    return run_group_level(config)
+    try:
+        if config.analysis_level == "participant":
+            from .workflows.participant import run_participant_level
+            return run_participant_level(config)
+        from .workflows.group import run_group_level
+        return run_group_level(config)
+    except OSError as exc:   # a file system fault outside any one participant's work
+        log.debug("file system error", exc_info=True)
+        raise describe_os_error(exc, config.output_dir) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``docker stop``), handled like Ctrl-C: the same clean-up
+    (temporary files removed, worker processes stopped) runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    # a second signal during the clean-up ends the process at once
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    raise Terminated(signum)
 
 
 def main(argv=None) -> int:
-    ensure_numba_cache_dir()
+    isolate_imports()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     try:
         code = run(argv)
     except TractoscaleError as exc:
         print(f"tractoscale: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        print("tractoscale: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"tractoscale: interrupted ({signal.Signals(signum).name}); unfinished steps rerun next time",
+              file=sys.stderr)
+        code = 128 + signum
     sys.exit(code)
 
 
