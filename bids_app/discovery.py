@@ -289,14 +289,21 @@ def discover(bids_dir: Path, subjects: list[str], *, sessions: list[str] | None 
     return inputs
 
 
+def _links_on(path: str) -> int:
+    p = Path(path)
+    return sum(q.is_symlink() for q in (p, *p.parents))
+
+
 def _unique_files(files: list) -> list:
-    """One file per real file: a symbolic link (a loop, a copy linked back) finds the same DWI
-    under several paths; the shortest path is kept."""
+    """One file per real file: symbolic links (a loop, a file linked under another name) find the
+    same DWI under several paths; the one through the fewest links, then the shortest, is kept."""
     best: dict = {}
     for f in files:
         real = os.path.realpath(f.path)
-        if real not in best or len(f.path) < len(best[real].path):
-            best[real] = f
+        key = (_links_on(f.path), len(f.path))
+        if real not in best or key < best[real][0]:
+            best[real] = (key, f)
+    best = {real: f for real, (_, f) in best.items()}
     if len(best) < len(files):
         log.info("%d DWI paths lead to %d files (symbolic links); each file is processed once",
                  len(files), len(best))

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import InputDataError, NoInputError
+from .errors import InputDataError, IOFailure, NoInputError
 from .gradients import fsl_to_voxel_bvecs
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,10 @@ class DwiData:
 def _read_table(path: Path, what: str) -> np.ndarray:
     try:
         arr = np.loadtxt(path, ndmin=2, dtype=float)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        _raise_if_io_error(path, exc)
+        raise InputDataError(f"{path.name}: cannot read {what} as numbers ({exc})") from None
+    except ValueError as exc:
         raise InputDataError(f"{path.name}: cannot read {what} as numbers ({exc})") from None
     return arr
 
@@ -126,6 +129,13 @@ def check_image_size(path: Path, img, memory_limit: int | None = None) -> None:
                              f"the {_gb(memory_limit)} available (--mem, the job's limit or the free memory)")
 
 
+def _raise_if_io_error(path: Path, exc: Exception) -> None:
+    """A file the system cannot read (permissions, a failing disk: an errno) is an I/O error (exit
+    74), not bad data; nibabel's own complaints about the content carry no errno."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise IOFailure(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _read_problem(exc: Exception) -> str:
     """What went wrong reading image data, in words (some exceptions have no message)."""
     if isinstance(exc, EOFError) or ("Expected" in str(exc) and "bytes" in str(exc)):
@@ -144,6 +154,7 @@ def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: 
     try:
         img = nib.load(str(dwi_path))
     except Exception as exc:  # nibabel raises many types for corrupt files
+        _raise_if_io_error(dwi_path, exc)
         raise InputDataError(f"{dwi_path.name}: cannot read as NIfTI ({_read_problem(exc)})") from None
     check_image_size(dwi_path, img, memory_limit)
     if img.ndim != 4:
@@ -157,6 +168,7 @@ def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: 
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
+        _raise_if_io_error(dwi_path, exc)
         raise InputDataError(f"{dwi_path.name}: cannot read image data ({_read_problem(exc)})") from None
     n_bad = int(np.count_nonzero(~np.isfinite(data)))
     if n_bad:
@@ -175,6 +187,7 @@ def load_mask(path: Path, shape, affine) -> np.ndarray:
     try:
         img = nib.load(str(path))
     except Exception as exc:
+        _raise_if_io_error(Path(path), exc)
         raise InputDataError(f"{Path(path).name}: cannot read mask ({_read_problem(exc)})") from None
     check_image_size(path, img)
     if tuple(img.shape[:3]) != tuple(shape[:3]) or not np.allclose(img.affine, affine, atol=1e-3):

@@ -161,11 +161,22 @@ def ensure_numba_cache_dir() -> Path:
 
 def isolate_imports() -> None:
     """No code may be imported from the working directory (it may be the input dataset, with a
-    planted ``numpy.py``): drop it from ``sys.path`` and make every Python child process (joblib and
-    multiprocessing workers) start without it (``PYTHONSAFEPATH``)."""
+    planted ``numpy.py``): drop it, and any relative entry, from ``sys.path`` and ``PYTHONPATH``
+    (an empty entry, as in ``PYTHONPATH=:/opt/lib``, means the working directory), and make every
+    Python child process (joblib and multiprocessing workers) start without it (``PYTHONSAFEPATH``)."""
     os.environ["PYTHONSAFEPATH"] = "1"
     try:
         cwd = os.path.realpath(os.getcwd())
     except OSError:      # the working directory was removed: nothing to import from it
         cwd = None
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != cwd]
+
+    def safe(entry: str) -> bool:
+        return os.path.isabs(entry) and os.path.realpath(entry) != cwd
+
+    sys.path[:] = [p for p in sys.path if safe(p)]
+    if "PYTHONPATH" in os.environ:
+        kept = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if safe(p)]
+        if kept:
+            os.environ["PYTHONPATH"] = os.pathsep.join(kept)
+        else:
+            del os.environ["PYTHONPATH"]

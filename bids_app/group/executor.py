@@ -95,8 +95,11 @@ def make_executor(nthreads: int | None = None, dask_scheduler: str | None = None
     ex = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_limit_worker_threads)
     try:
         yield ex
-    except BaseException:
+    except KeyboardInterrupt:        # Ctrl-C or SIGTERM (see bids_app.cli): stop the workers now
         stop_pool(ex)
+        raise
+    except BaseException:            # a task failed: running ones finish (their results are kept)
+        ex.shutdown(wait=True, cancel_futures=True)
         raise
     else:
         ex.shutdown(wait=True)
