@@ -95,10 +95,11 @@ def _layout(root: Path, database_dir: Path | None, subjects: list[str] | None, d
 
 
 # A shared --bids-database-dir holds pybids' index of the whole dataset (queries select the
-# subjects) and this marker: which dataset, which subject folders, which indexing rules.
-INDEX_MARKER = "tractoscale_index.json"
-_INDEX_RULES = 1      # bump when _indexer's rules change: shared indexes are rebuilt
+# subjects); a table of the same SQLite file says which dataset, which subject folders and which
+# indexing rules it was built from: index and description are replaced together, in one rename.
 _DB_FILE = "layout_index.sqlite"
+_MARKER_TABLE = "tractoscale_index"
+_INDEX_RULES = 1      # bump when _indexer's rules change: shared indexes are rebuilt
 
 
 def shared_layout(root: Path, database_dir: Path):
@@ -134,7 +135,7 @@ def _index_lock(database_dir: Path):
     """Hold the index's file lock; yields False (no lock) when the folder is read-only: a current
     index there is still usable."""
     from filelock import FileLock
-    lock = FileLock(str(database_dir / f".{INDEX_MARKER}.lock"))
+    lock = FileLock(str(database_dir / f".{_DB_FILE}.lock"))
     try:
         lock.acquire()
     except OSError as exc:
@@ -148,15 +149,29 @@ def _index_lock(database_dir: Path):
         lock.release()
 
 
+def read_index_marker(database_dir: Path) -> dict | None:
+    """What a shared index was built from (see :func:`shared_layout`); None if tractoscale did not
+    build it."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{Path(database_dir) / _DB_FILE}?mode=ro", uri=True)
+        try:
+            (text,) = con.execute(f"SELECT marker FROM {_MARKER_TABLE}").fetchone()
+        finally:
+            con.close()
+        return json.loads(text)
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+
+
 def _index_state(database_dir: Path, want: dict) -> str:
     """'missing', 'current' or 'stale'; raises UsageError for an index that is not ours to rebuild."""
     if not (database_dir / _DB_FILE).exists():
         return "missing"
-    try:
-        have = json.loads((database_dir / INDEX_MARKER).read_text())
-    except (OSError, ValueError):
+    have = read_index_marker(database_dir)
+    if have is None:
         raise UsageError(f"--bids-database-dir {database_dir} holds a pybids index that tractoscale did not "
-                         "make (it may leave out DWI files); give tractoscale its own folder") from None
+                         "make (it may leave out DWI files); give tractoscale its own folder")
     if have.get("Root") != want["Root"]:
         raise UsageError(f"--bids-database-dir {database_dir} indexes {have.get('Root')}, not {want['Root']}")
     if have == want:
@@ -168,19 +183,25 @@ def _index_state(database_dir: Path, want: dict) -> str:
 
 def _build_index(root: Path, database_dir: Path, want: dict) -> None:
     import shutil
+    import sqlite3
     import tempfile
 
     from bids import BIDSLayout
 
-    from .derivatives import write_json
     log.info("indexing %s into the shared pybids database %s", root, database_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=database_dir))
     try:
         layout = BIDSLayout(want["Root"], database_path=str(tmp), validate=False, indexer=_indexer())
         layout.connection_manager.session.close()
         layout.connection_manager.engine.dispose()
+        con = sqlite3.connect(tmp / _DB_FILE)
+        try:
+            with con:
+                con.execute(f"CREATE TABLE {_MARKER_TABLE} (marker TEXT)")
+                con.execute(f"INSERT INTO {_MARKER_TABLE} VALUES (?)", (json.dumps(want),))
+        finally:
+            con.close()
         os.replace(tmp / _DB_FILE, database_dir / _DB_FILE)
-        write_json(database_dir / INDEX_MARKER, want)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

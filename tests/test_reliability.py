@@ -236,7 +236,8 @@ def test_shared_database_built_once_by_concurrent_processes(demo_bids, tmp_path)
     for p, sub, (out, err) in zip(procs, ("01", "02", "01", "02"), outs):
         assert p.returncode == 0, err
         assert out.strip() == f"sub-{sub}"
-    marker = json.loads((db / "tractoscale_index.json").read_text())
+    from bids_app.discovery import read_index_marker
+    marker = read_index_marker(db)
     assert marker["Subjects"] == ["01", "02"] and marker["Root"] == str(demo_bids.resolve())
     assert not list(db.glob(".building-*"))
 
@@ -258,9 +259,10 @@ def test_shared_database_refuses_other_indexes_and_follows_new_subjects(demo_cop
     shutil.copytree(demo_copy, other)
     with pytest.raises(UsageError, match="indexes"):
         discover(other, ["01"], database_dir=db, shared_database=True)
-    (db / "tractoscale_index.json").unlink()
+    from bids import BIDSLayout
+    BIDSLayout(str(demo_copy), database_path=str(tmp_path / "theirs"), validate=False)   # e.g. another app's
     with pytest.raises(UsageError, match="did not make"):
-        discover(demo_copy, ["01"], database_dir=db, shared_database=True)
+        discover(demo_copy, ["01"], database_dir=tmp_path / "theirs", shared_database=True)
 
 
 @pytest.mark.slow
