@@ -47,7 +47,15 @@ def _run_demo_data(argv) -> int:
     demo_cli.add_arguments(p)
     args = p.parse_args(argv)
     _setup_logging(1)
+    _numba_cache()
     return demo_cli.run(args)
+
+
+def _numba_cache() -> None:
+    """A private Numba cache folder, chosen before anything imports numba (logging is set up)."""
+    ensure_numba_cache_dir()
+    if resources.numba_cache_note:
+        log.info(resources.numba_cache_note)
 
 
 def run(argv=None) -> int:
@@ -56,9 +64,7 @@ def run(argv=None) -> int:
         return _run_demo_data(argv[1:])
     config = Config.from_argv(argv)
     _setup_logging(config.execution.verbose)
-    ensure_numba_cache_dir()     # before anything imports numba
-    if resources.numba_cache_note:
-        log.info(resources.numba_cache_note)
+    _numba_cache()
     limit_threads(config.resources)
     from .preflight import preflight
     preflight(config)
