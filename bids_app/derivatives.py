@@ -87,13 +87,24 @@ def tensor_map_path(directory: Path, entities: dict, param: str) -> Path:
     return Path(directory) / bids_name({**entities, "model": "tensor", "param": param}, "dwimap", ".nii.gz")
 
 
-# Temporary names of unfinished outputs: ``.<stem>.partial-<pid>-<random><ext>`` (atomic_write) and
-# ``.<name>.parts-<pid>-<random>/`` (the tractogram writer's chunks).  Their writer holds an
-# exclusive flock on the file (on ``PARTS_LOCK`` inside a folder) while it lives; the kernel drops it
-# when the process dies, however it dies, so :func:`remove_stale_temporaries` can tell them apart
-# from files of live processes, on this node or another one sharing the folder.
+# Temporary names of unfinished outputs: ``.<stem>.partial-<host>-<pid>-<random><ext>`` (atomic_write)
+# and ``.<name>.parts-<host>-<pid>-<random>/`` (the tractogram writer's chunks), <host> a short tag of
+# the machine.  Their writer holds an exclusive flock on the file (on ``PARTS_LOCK`` inside a folder)
+# while it lives; the kernel drops it when the process dies, however it dies, so
+# :func:`remove_stale_temporaries` can tell them apart from files of live processes.
 TEMP_MARKERS = (".partial-", ".parts-")
 PARTS_LOCK = "owner.lock"
+# Locks are certain on this machine; on a shared file system some mounts keep them local to each
+# node (Lustre's localflock, NFS with local_lock), so another node's temporary also has to be
+# untouched for this long before it counts as abandoned.
+FOREIGN_MIN_AGE = 3600.0
+
+
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary names."""
+    import hashlib
+    import socket
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 def hold_lock(path: Path | str, *, create_new: bool = False) -> int:
@@ -139,13 +150,26 @@ def _temporaries(folder: Path, recursive: bool):
         dirs[:] = [d for d in dirs if not _is_temporary(d)]
 
 
+def _last_change(path: Path, st: os.stat_result) -> float:
+    """Latest modification of a temporary file, or of a parts folder and what it holds (the
+    positions file grows at every chunk)."""
+    latest = st.st_mtime
+    if stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path):
+                latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+    return latest
+
+
 def remove_stale_temporaries(folders, *, recursive: bool = True, min_age: float = 60.0) -> list[Path]:
     """Remove the temporary outputs (see ``TEMP_MARKERS``) of processes that no longer exist, in
     ``folders`` (and their subfolders if ``recursive``); return what was removed.
 
-    A temporary is stale when no process holds its lock and it is older than ``min_age`` seconds
-    (a writer takes the lock right after creating it)."""
+    A temporary is stale when no process holds its lock and it has not changed for ``min_age``
+    seconds (a writer takes the lock right after creating it), or for ``FOREIGN_MIN_AGE`` if
+    another machine wrote it."""
     import shutil
+    mine = f"-{host_tag()}-"
     removed = []
     for folder in folders:
         for path in _temporaries(Path(folder), recursive):
@@ -154,7 +178,10 @@ def remove_stale_temporaries(folders, *, recursive: bool = True, min_age: float 
             except OSError:
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
-            if time.time() - st.st_mtime < min_age or _is_held(path / PARTS_LOCK if is_dir else path) is not False:
+            age = time.time() - _last_change(path, st)
+            if age < (min_age if mine in path.name else max(min_age, FOREIGN_MIN_AGE)):
+                continue
+            if _is_held(path / PARTS_LOCK if is_dir else path) is not False:
                 continue
             try:
                 shutil.rmtree(path) if is_dir else path.unlink()
@@ -164,9 +191,9 @@ def remove_stale_temporaries(folders, *, recursive: bool = True, min_age: float 
     return removed
 
 
-def temporary_name(path: Path, kind: str = "partial") -> str:
-    """``.<stem>.<kind>-<pid>-<random><ext>``: hidden, unique, and keeping the extension so that
-    libraries choosing a format by extension (nibabel, trx) still work."""
+def temporary_name(path: Path) -> str:
+    """``.<stem>.partial-<host>-<pid>-<random><ext>``: hidden, unique, and keeping the extension so
+    that libraries choosing a format by extension (nibabel, trx) still work."""
     name = path.name
     stem, ext = name, ""
     for e in (".nii.gz", ".tsv.gz", ".trx", ".json", ".tsv", ".nii", ".tck", ".trk", ".png", ".html",
@@ -174,7 +201,7 @@ def temporary_name(path: Path, kind: str = "partial") -> str:
         if name.endswith(e):
             stem, ext = name[: -len(e)], e
             break
-    return f".{stem}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+    return f".{stem}.partial-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
 
 
 def _write_failed(path: Path, exc: OSError) -> OutputError:
@@ -209,13 +236,8 @@ def atomic_write(path: Path | str):
         raise _write_failed(path, exc) from exc
     finally:
         os.close(fd)
-        if tmp.exists():
-            if tmp.is_dir():
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def write_json(path: Path | str, data: dict) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .derivatives import TRACTOGRAM_FORMATS as FORMATS
-from .derivatives import PARTS_LOCK, atomic_write, hold_lock
+from .derivatives import PARTS_LOCK, atomic_write, hold_lock, host_tag
 from .errors import OutputError
 
 _COPY_BLOCK = 16 << 20
@@ -47,7 +47,8 @@ class TrxStreamWriter:
         self._lock = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.parts-{os.getpid()}-",
+            # named like atomic_write's temporaries (see bids_app.derivatives.TEMP_MARKERS)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.parts-{host_tag()}-{os.getpid()}-",
                                               dir=self.path.parent))
         except OSError as exc:
             raise OutputError(f"cannot write in {self.path.parent}: {exc.strerror}") from None

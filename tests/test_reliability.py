@@ -446,8 +446,10 @@ with atomic_write({path!r}) as tmp:
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_at_start(participant_run, demo_bids, tmp_path):
-    """A writer killed with SIGKILL leaves its temporary file; one still writing holds its lock.
-    The next run removes the first and leaves the second alone, whichever node wrote them."""
+    """A writer killed with SIGKILL leaves its temporary file; one still writing holds its lock.  The
+    next run removes the first and leaves the second alone.  Another machine's temporaries (whose
+    locks a shared file system may not show here) are removed only after an hour untouched."""
+    from bids_app.derivatives import host_tag
     out = tmp_path / "deriv"
     shutil.copytree(participant_run[0], out, ignore=shutil.ignore_patterns("group", "logs"))
     dwi = out / "sub-01" / "dwi"
@@ -459,18 +461,26 @@ def test_stale_temporaries_of_dead_processes_are_removed_at_start(participant_ru
     dead_tmp, alive_tmp = (Path(h.stdout.readline().strip()) for h in holders)
     holders[0].kill()
     holders[0].wait()
-    parts = dwi / f".sub-01_track-prob_tractogram.trx.parts-{holders[0].pid}-abcd"   # a killed tractogram writer
+    assert f"-{host_tag()}-{holders[0].pid}-" in dead_tmp.name
+    # a tractogram writer killed on this machine, and two files of a writer on another machine
+    parts = dwi / f".sub-01_track-prob_tractogram.trx.parts-{host_tag()}-{holders[0].pid}-abcd"
     parts.mkdir()
     (parts / "positions").write_bytes(b"\0" * 64)
-    old = time.time() - 3600
-    for p in (dead_tmp, alive_tmp, parts):
-        os.utime(p, (old, old))
+    other = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    foreign_recent = dwi / f".sub-01_dti.partial-{other}-77-abcd1234.json"
+    foreign_old = dwi / f".sub-01_qc.partial-{other}-78-abcd1234.json"
+    ages = {dead_tmp: 120, alive_tmp: 7200, parts: 120, parts / "positions": 120,
+            foreign_recent: 600, foreign_old: 7200}
+    for p, age in ages.items():
+        if not p.exists():
+            p.write_text("{")
+        os.utime(p, (time.time() - age, time.time() - age))
     try:
         proc = run_cli(demo_bids, out, "participant", "--participant-label", "01", "--odf-model", "csa",
                        "--skip-bids-validation", "-v", check=True)
         assert "1 already complete" in proc.stdout
-        assert not dead_tmp.exists() and not parts.exists()
-        assert alive_tmp.exists()
+        assert not dead_tmp.exists() and not parts.exists() and not foreign_old.exists()
+        assert alive_tmp.exists() and foreign_recent.exists()
     finally:
         holders[1].kill()
         holders[1].wait()
@@ -578,3 +588,32 @@ def test_unreadable_input_is_an_io_error(demo_copy):
     with pytest.raises(IOFailure, match=f"cannot read {d / 'sub-01_dwi.bval'}: Is a directory") as err:
         load_dwi(d / "sub-01_dwi.nii.gz", d / "sub-01_dwi.bval", d / "sub-01_dwi.bvec")
     assert err.value.exit_code == 74
+
+
+TRX_TOO_LARGE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+import numpy as np
+from bids_app.errors import OutputError
+from bids_app.trx_writer import TrxStreamWriter
+try:
+    with TrxStreamWriter({path!r}, np.eye(4), (10, 10, 10), dps={{"length": ("float32", 1)}}) as w:
+        for _ in range(100):
+            w.append(np.zeros((1000, 3), np.float32), np.full(10, 100), dps={{"length": np.ones(10)}})
+except OutputError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["trx", "tck"])
+def test_tractogram_writer_on_a_failing_disk(tmp_path, fmt):
+    """The streaming writer hits a write error (EFBIG past 64 KB) while appending chunks: one
+    OutputError naming the tractogram, no parts folder and no final file left."""
+    path = tmp_path / f"sub-01_tractogram.{fmt}"
+    script = tmp_path / "w.py"
+    script.write_text(TRX_TOO_LARGE.format(root=str(ROOT), path=str(path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"cannot write {path}: File too large"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.py"]
