@@ -80,8 +80,8 @@ def run(argv=None) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, ``docker stop``), handled like Ctrl-C: the same clean-up
-    (temporary files removed, worker processes stopped) runs on the way out."""
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit, ``docker stop``): both take the same way
+    out, with the same clean-up (temporary files removed, worker processes stopped)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
