@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .derivatives import LONG_TO_SHORT
-from .errors import InputDataError, NoInputError, NoMatchError, OutputError, UsageError
+from .errors import InputDataError, NoInputError, NoMatchError, OutputError, UsageError, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,8 @@ def shared_layout(root: Path, database_dir: Path):
                                       "the folder cannot be written")
                 _build_index(root, database_dir, want)
         return BIDSLayout(want["Root"], database_path=str(database_dir), validate=False)
-    except OSError as exc:
-        raise OutputError(f"--bids-database-dir {database_dir}: {exc.strerror or exc}"
-                          + (f" ({exc.filename})" if exc.filename else "")) from None
+    except OSError as exc:     # the database folder (exit 73) or the dataset (74) cannot be used
+        raise describe_os_error(exc, database_dir) from None
     except ValueError as exc:
         raise NoInputError(f"cannot read {root} as a BIDS dataset: {exc}") from None
 
