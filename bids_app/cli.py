@@ -10,11 +10,13 @@ execution spec (see :mod:`bids_app.errors`); never a traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
+from . import resources
 from .config import LEVELS, Config, Parser, build_parser
-from .errors import EXIT_USAGE, TractoscaleError
-from .resources import ensure_numba_cache_dir, limit_threads
+from .errors import EXIT_USAGE, TractoscaleError, describe_os_error
+from .resources import ensure_numba_cache_dir, isolate_imports, limit_threads
 
 log = logging.getLogger("tractoscale")
 
@@ -26,6 +28,9 @@ def _setup_logging(verbosity: int):
     logging.getLogger("tractoscale").setLevel(min(level, logging.INFO))
     for noisy in ("numba", "bids", "matplotlib", "distributed", "asyncio", "h5py", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # a log file on a full disk must not print tracebacks ("--- Logging error ---") between the
+    # messages; the fault itself is reported where the outputs fail to be written
+    logging.raiseExceptions = False
     # trx-python logs its temporary folders with logging.info() on the root logger; a filter on
     # the root logger drops them for every handler, the per-run log files included
     logging.getLogger().addFilter(_quiet_root_info)
@@ -43,6 +48,7 @@ def _run_demo_data(argv) -> int:
     demo_cli.add_arguments(p)
     args = p.parse_args(argv)
     _setup_logging(1)
+    _numba_cache()
     return demo_cli.run(args)
 
 
@@ -68,6 +74,13 @@ def _run_install_viewer(argv) -> int:
     return 0
 
 
+def _numba_cache() -> None:
+    """A private Numba cache folder, chosen before anything imports numba (logging is set up)."""
+    ensure_numba_cache_dir()
+    if resources.numba_cache_note:
+        log.info(resources.numba_cache_note)
+
+
 def run(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo-data":
@@ -76,26 +89,51 @@ def run(argv=None) -> int:
         return _run_install_viewer(argv[1:])
     config = Config.from_argv(argv)
     _setup_logging(config.execution.verbose)
+    _numba_cache()
     limit_threads(config.resources)
     from .preflight import preflight
     preflight(config)
-    if config.analysis_level == "participant":
-        from .workflows.participant import run_participant_level
-        return run_participant_level(config)
-    from .workflows.group import run_group_level
-    return run_group_level(config)
+    try:
+        if config.analysis_level == "participant":
+            from .workflows.participant import run_participant_level
+            return run_participant_level(config)
+        from .workflows.group import run_group_level
+        return run_group_level(config)
+    except OSError as exc:   # a file system fault outside any one participant's work
+        log.debug("file system error", exc_info=True)
+        raise describe_os_error(exc, config.output_dir) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit, ``docker stop``): both take the same way
+    out, with the same clean-up (temporary files removed, worker processes stopped)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    # a second signal during the clean-up ends the process at once
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    raise Terminated(signum)
 
 
 def main(argv=None) -> int:
-    ensure_numba_cache_dir()
+    isolate_imports()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     try:
         code = run(argv)
     except TractoscaleError as exc:
         print(f"tractoscale: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        print("tractoscale: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"tractoscale: interrupted ({signal.Signals(signum).name}); unfinished steps rerun next time",
+              file=sys.stderr)
+        code = 128 + signum
     sys.exit(code)
 
 

@@ -152,7 +152,8 @@ class Selection(OptionGroup):
         False, "do not run the BIDS validator on bids_dir",
         flags=("--skip-bids-validation", "--skip_bids_validation"), action="store_true")
     bids_database_dir: Path | None = option(
-        None, "reuse (or create) a pybids database here; default: a fresh one in the work dir",
+        None, "a pybids index of the whole dataset, built once (under a file lock) and shared by "
+              "concurrent runs such as array tasks; default: a private one per run",
         flags=("--bids-database-dir", "--bids_database_dir"), type=Path, metavar="DIR")
 
     def validate(self):

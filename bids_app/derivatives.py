@@ -9,8 +9,11 @@ jobs) can share one output folder.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -84,19 +87,113 @@ def tensor_map_path(directory: Path, entities: dict, param: str) -> Path:
     return Path(directory) / bids_name({**entities, "model": "tensor", "param": param}, "dwimap", ".nii.gz")
 
 
-@contextlib.contextmanager
-def atomic_write(path: Path | str):
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+# Temporary names of unfinished outputs: ``.<stem>.partial-<host>-<pid>-<random><ext>`` (atomic_write)
+# and ``.<name>.parts-<host>-<pid>-<random>/`` (the tractogram writer's chunks), <host> a short tag of
+# the machine.  Their writer holds an exclusive flock on the file (on ``PARTS_LOCK`` inside a folder)
+# while it lives; the kernel drops it when the process dies, however it dies, so
+# :func:`remove_stale_temporaries` can tell them apart from files of live processes.
+TEMP_MARKERS = (".partial-", ".parts-")
+PARTS_LOCK = "owner.lock"
+# Locks are certain on this machine; on a shared file system some mounts keep them local to each
+# node (Lustre's localflock, NFS with local_lock), so another node's temporary also has to be
+# untouched for this long before it counts as abandoned.
+FOREIGN_MIN_AGE = 3600.0
 
-    The temporary name is hidden (starts with '.') and keeps the extension so
-    libraries that choose a format by extension (nibabel, trx) still work.  On
-    any exception the temporary file is removed and the real name is untouched.
-    """
-    path = Path(path)
+
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary names."""
+    import hashlib
+    import socket
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def hold_lock(path: Path | str, *, create_new: bool = False) -> int:
+    """Open ``path`` (created if needed; ``create_new``: it must not exist) and hold an exclusive
+    flock on it for as long as the returned descriptor stays open."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags | (os.O_EXCL if create_new else 0), 0o666)
+    with contextlib.suppress(OSError):   # a file system without locks: never swept, still written
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _is_held(path: Path) -> bool | None:
+    """Whether a live process holds ``path``'s flock (None: cannot tell)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)         # also releases the lock just taken
+    return False
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and any(m in name for m in TEMP_MARKERS)
+
+
+def _temporaries(folder: Path, recursive: bool):
+    if not recursive:
+        with contextlib.suppress(OSError):
+            yield from (Path(e.path) for e in os.scandir(folder) if _is_temporary(e.name))
+        return
+    for root, dirs, files in os.walk(folder):
+        yield from (Path(root) / name for name in dirs + files if _is_temporary(name))
+        dirs[:] = [d for d in dirs if not _is_temporary(d)]
+
+
+def _last_change(path: Path, st: os.stat_result) -> float:
+    """Latest modification of a temporary file, or of a parts folder and what it holds (the
+    positions file grows at every chunk)."""
+    latest = st.st_mtime
+    if stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path):
+                latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+    return latest
+
+
+def remove_stale_temporaries(folders, *, recursive: bool = True, min_age: float = 60.0) -> list[Path]:
+    """Remove the temporary outputs (see ``TEMP_MARKERS``) of processes that no longer exist, in
+    ``folders`` (and their subfolders if ``recursive``); return what was removed.
+
+    A temporary is stale when no process holds its lock and it has not changed for ``min_age``
+    seconds (a writer takes the lock right after creating it), or for ``FOREIGN_MIN_AGE`` if
+    another machine wrote it."""
+    import shutil
+    mine = f"-{host_tag()}-"
+    removed = []
+    for folder in folders:
+        for path in _temporaries(Path(folder), recursive):
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            age = time.time() - _last_change(path, st)
+            if age < (min_age if mine in path.name else max(min_age, FOREIGN_MIN_AGE)):
+                continue
+            if _is_held(path / PARTS_LOCK if is_dir else path) is not False:
+                continue
+            try:
+                shutil.rmtree(path) if is_dir else path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def temporary_name(path: Path) -> str:
+    """``.<stem>.partial-<host>-<pid>-<random><ext>``: hidden, unique, and keeping the extension so
+    that libraries choosing a format by extension (nibabel, trx) still work."""
     name = path.name
     stem, ext = name, ""
     for e in (".nii.gz", ".tsv.gz", ".trx", ".json", ".tsv", ".nii", ".tck", ".trk", ".png", ".html",
@@ -104,17 +201,43 @@ def atomic_write(path: Path | str):
         if name.endswith(e):
             stem, ext = name[: -len(e)], e
             break
-    tmp = path.parent / f".{stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+    return f".{stem}.partial-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+
+
+def _write_failed(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    other = f" ({exc.filename})" if exc.filename and Path(os.fsdecode(exc.filename)).parent != path.parent else ""
+    return OutputError(f"cannot write {path}: {reason}{other}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    The temporary name is hidden and keeps the extension (:func:`temporary_name`); it is created
+    empty and locked (see :func:`remove_stale_temporaries`).  On any exception the temporary file is
+    removed and the real name is untouched; a file system error (disk full, read-only folder...)
+    becomes an :class:`OutputError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+    tmp = path.parent / temporary_name(path)
+    try:
+        fd = hold_lock(tmp, create_new=True)
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
     finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def write_json(path: Path | str, data: dict) -> Path:
@@ -212,6 +335,14 @@ def ensure_dataset_description(output_dir: Path | str, raw_dir: Path | str | Non
     except OSError as exc:
         raise OutputError(f"cannot create output folder {output_dir}: {exc.strerror}") from None
     path = output_dir / "dataset_description.json"
+    try:
+        _update_description(output_dir, path, raw_dir, links)
+    except OSError as exc:   # an unwritable lock file, a read-only folder...
+        raise _write_failed(Path(os.fsdecode(exc.filename)) if exc.filename else path, exc) from exc
+    return path
+
+
+def _update_description(output_dir: Path, path: Path, raw_dir, links) -> None:
     with FileLock(str(output_dir / ".dataset_description.json.lock"), timeout=120):
         desc = {}
         if path.exists():
@@ -242,7 +373,6 @@ def ensure_dataset_description(output_dir: Path | str, raw_dir: Path | str | Non
         if not ignore.exists():
             with atomic_write(ignore) as tmp:
                 tmp.write_text("logs/\nwork/\ngroup/\nfigures/\n*.html\n*.trx\n*_tractogram.json\n*_bundles.tsv\n*_bundles.json\n")
-    return path
 
 
 def shared_lock(path: Path | str, timeout: float = 600) -> FileLock:

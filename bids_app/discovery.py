@@ -7,14 +7,17 @@ mask and T1w.  With ``--input-derivatives`` (e.g. QSIPrep) the preprocessed
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .derivatives import LONG_TO_SHORT
-from .errors import InputDataError, NoInputError, NoMatchError, UsageError
+from .errors import InputDataError, NoInputError, NoMatchError, OutputError, UsageError, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,8 @@ def load_filter_file(path: Path | None) -> dict:
     return filters
 
 
-def _layout(root: Path, database_dir: Path | None, subjects: list[str] | None, derivatives=False):
-    from bids import BIDSLayout, BIDSLayoutIndexer
+def _indexer(subjects: list[str] | None = None):
+    from bids import BIDSLayoutIndexer
 
     ignore = [re.compile(rf"^/sub-[^/]+/(ses-[^/]+/)?({'|'.join(_IGNORED_DATATYPES)})/"),
               re.compile(r"^/(code|sourcedata|stimuli|derivatives|logs|work|group)/"),
@@ -72,8 +75,14 @@ def _layout(root: Path, database_dir: Path | None, subjects: list[str] | None, d
     if subjects:
         alt = "|".join(re.escape(s) for s in subjects)
         ignore.append(re.compile(rf"^/sub-(?!({alt})(/|$))"))
-    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
-    kwargs = dict(validate=False, indexer=indexer, is_derivative=derivatives)
+    return BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
+
+
+def _layout(root: Path, database_dir: Path | None, subjects: list[str] | None, derivatives=False):
+    """A layout indexing only ``subjects`` (all if None), in memory or in a private ``database_dir``."""
+    from bids import BIDSLayout
+
+    kwargs = dict(validate=False, indexer=_indexer(subjects), is_derivative=derivatives)
     if derivatives:
         kwargs["config"] = ["bids", "derivatives"]
     if database_dir is not None:
@@ -83,6 +92,117 @@ def _layout(root: Path, database_dir: Path | None, subjects: list[str] | None, d
         return BIDSLayout(str(root), **kwargs)
     except (ValueError, OSError) as exc:
         raise NoInputError(f"cannot read {root} as a BIDS dataset: {exc}") from None
+
+
+# A shared --bids-database-dir holds pybids' index of the whole dataset (queries select the
+# subjects); a table of the same SQLite file says which dataset, which subject folders and which
+# indexing rules it was built from: index and description are replaced together, in one rename.
+_DB_FILE = "layout_index.sqlite"
+_MARKER_TABLE = "tractoscale_index"
+_INDEX_RULES = 1      # bump when _indexer's rules change: shared indexes are rebuilt
+
+
+def shared_layout(root: Path, database_dir: Path):
+    """The layout of the whole dataset from the shared index in ``database_dir``.
+
+    The index is built once, under a file lock, into a private folder and moved into place, so
+    many array tasks may start at once: one builds it, the others wait and load it.  It is rebuilt
+    when the dataset's subject folders change; a folder holding another dataset's or another
+    program's index is a usage error.
+    """
+    from bids import BIDSLayout
+
+    database_dir = Path(database_dir)
+    want = {"Root": str(Path(root).resolve()), "Subjects": list_subjects(root), "IndexRules": _INDEX_RULES}
+    try:
+        database_dir.mkdir(parents=True, exist_ok=True)
+        with _index_lock(database_dir) as writable:
+            if _index_state(database_dir, want) != "current":
+                if not writable:
+                    raise OutputError(f"--bids-database-dir {database_dir}: the index must be (re)built but "
+                                      "the folder cannot be written")
+                _build_index(root, database_dir, want)
+        return BIDSLayout(want["Root"], database_path=str(database_dir), validate=False)
+    except OSError as exc:     # the database folder (exit 73) or the dataset (74) cannot be used
+        raise describe_os_error(exc, database_dir) from None
+    except ValueError as exc:
+        raise NoInputError(f"cannot read {root} as a BIDS dataset: {exc}") from None
+
+
+@contextlib.contextmanager
+def _index_lock(database_dir: Path):
+    """Hold the index's file lock; yields False (no lock) when the folder is read-only: a current
+    index there is still usable."""
+    from filelock import FileLock
+    lock = FileLock(str(database_dir / f".{_DB_FILE}.lock"))
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def read_index_marker(database_dir: Path) -> dict | None:
+    """What a shared index was built from (see :func:`shared_layout`); None if tractoscale did not
+    build it."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{Path(database_dir) / _DB_FILE}?mode=ro", uri=True)
+        try:
+            (text,) = con.execute(f"SELECT marker FROM {_MARKER_TABLE}").fetchone()
+        finally:
+            con.close()
+        return json.loads(text)
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+
+
+def _index_state(database_dir: Path, want: dict) -> str:
+    """'missing', 'current' or 'stale'; raises UsageError for an index that is not ours to rebuild."""
+    if not (database_dir / _DB_FILE).exists():
+        return "missing"
+    have = read_index_marker(database_dir)
+    if have is None:
+        raise UsageError(f"--bids-database-dir {database_dir} holds a pybids index that tractoscale did not "
+                         "make (it may leave out DWI files); give tractoscale its own folder")
+    if have.get("Root") != want["Root"]:
+        raise UsageError(f"--bids-database-dir {database_dir} indexes {have.get('Root')}, not {want['Root']}")
+    if have == want:
+        return "current"
+    log.info("the shared index in %s is out of date (subject folders or indexing rules changed): "
+             "indexing %s again", database_dir, want["Root"])
+    return "stale"
+
+
+def _build_index(root: Path, database_dir: Path, want: dict) -> None:
+    import shutil
+    import sqlite3
+    import tempfile
+
+    from bids import BIDSLayout
+
+    log.info("indexing %s into the shared pybids database %s", root, database_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=database_dir))
+    try:
+        layout = BIDSLayout(want["Root"], database_path=str(tmp), validate=False, indexer=_indexer())
+        layout.connection_manager.session.close()
+        layout.connection_manager.engine.dispose()
+        con = sqlite3.connect(tmp / _DB_FILE)
+        try:
+            with con:
+                con.execute(f"CREATE TABLE {_MARKER_TABLE} (marker TEXT)")
+                con.execute(f"INSERT INTO {_MARKER_TABLE} VALUES (?)", (json.dumps(want),))
+        finally:
+            con.close()
+        os.replace(tmp / _DB_FILE, database_dir / _DB_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _entities(f) -> dict:
@@ -126,20 +246,29 @@ def select_subjects(bids_dir: Path, labels: list[str] | None) -> list[str]:
 
 def discover(bids_dir: Path, subjects: list[str], *, sessions: list[str] | None = None,
              filters: dict | None = None, derivatives_dir: Path | None = None,
-             database_dir: Path | None = None, strict: bool = True) -> list[DwiInput]:
+             database_dir: Path | None = None, shared_database: bool = False,
+             strict: bool = True) -> list[DwiInput]:
     """Every DWI run of the selected subjects/sessions, raw or preprocessed.
 
-    ``strict``: a selected subject without DWI is an error; otherwise it is
-    skipped with a warning (an error only when no subject has any DWI).
+    ``database_dir``: where pybids keeps its index: a private one of the selected subjects, or with
+    ``shared_database`` (``--bids-database-dir``) one of the whole dataset that concurrent runs
+    share (:func:`shared_layout`).  ``strict``: a selected subject without DWI is an error;
+    otherwise it is skipped with a warning (an error only when no subject has any DWI).
     """
     filters = dict(filters or {})
-    layout = _layout(bids_dir, database_dir, subjects)
+    if "desc" in filters and derivatives_dir is None:
+        raise UsageError('--bids-filter-file: "desc" selects preprocessed files, which only '
+                         "--input-derivatives provides (raw DWI have no desc entity)")
+    if shared_database and database_dir is not None:
+        layout = shared_layout(bids_dir, database_dir)
+    else:
+        layout = _layout(bids_dir, database_dir, subjects)
     if sessions:
         known = set(layout.get_sessions(subject=subjects))
         unknown = [s for s in sessions if s not in known]
         if unknown:
-            raise UsageError(f"unknown session label(s): {', '.join(unknown)} "
-                             f"(available: {', '.join(sorted(known)) or 'none'})")
+            raise NoMatchError(f"unknown session label(s): {', '.join(unknown)} "
+                               f"(available: {', '.join(sorted(known)) or 'none'})")
     deriv_layout = None
     if derivatives_dir is not None:
         if not Path(derivatives_dir).is_dir():
@@ -149,17 +278,18 @@ def discover(bids_dir: Path, subjects: list[str], *, sessions: list[str] | None 
         deriv_layout = _layout(derivatives_dir, None, subjects, derivatives=True)
 
     query = dict(datatype="dwi", suffix="dwi", extension=[".nii", ".nii.gz"])
-    query.update({k: v for k, v in filters.items() if k not in ("extension", "suffix", "datatype")})
+    query.update({k: v for k, v in filters.items() if k not in ("extension", "suffix", "datatype", "desc")})
     if sessions:
         query["session"] = sessions
+    desc = filters.get("desc", "preproc")
     inputs: list[DwiInput] = []
     for sub in subjects:
-        raw_files = layout.get(subject=sub, **query)
+        raw_files = [] if "desc" in filters else layout.get(subject=sub, **query)
         raw_files = [f for f in raw_files if "desc" not in f.get_entities()]
         prep = []
         if deriv_layout is not None:
-            prep = deriv_layout.get(subject=sub, desc="preproc", **query)
-        chosen = prep if prep else raw_files
+            prep = deriv_layout.get(subject=sub, desc=desc, **query)
+        chosen = _unique_files(prep if prep else raw_files)
         if not chosen:
             if filters or sessions:
                 err = NoMatchError(f"sub-{sub}: no DWI matches the session labels/filters")
@@ -177,6 +307,27 @@ def discover(bids_dir: Path, subjects: list[str], *, sessions: list[str] | None 
             raise NoMatchError("no DWI matches the selected sessions/filters in any subject")
         raise NoInputError(f"no DWI found for any selected subject in {bids_dir}")
     return inputs
+
+
+def _links_on(path: str) -> int:
+    p = Path(path)
+    return sum(q.is_symlink() for q in (p, *p.parents))
+
+
+def _unique_files(files: list) -> list:
+    """One file per real file: symbolic links (a loop, a file linked under another name) find the
+    same DWI under several paths; the one through the fewest links, then the shortest, is kept."""
+    best: dict = {}
+    for f in files:
+        real = os.path.realpath(f.path)
+        key = (_links_on(f.path), len(f.path))
+        if real not in best or key < best[real][0]:
+            best[real] = (key, f)
+    best = {real: f for real, (_, f) in best.items()}
+    if len(best) < len(files):
+        log.info("%d DWI paths lead to %d files (symbolic links); each file is processed once",
+                 len(files), len(best))
+    return sorted(best.values(), key=lambda f: f.path)
 
 
 def _describe(lay, raw_layout, f, source: str) -> DwiInput:

@@ -4,6 +4,9 @@ Anything a user can cause (bad arguments, bad data, missing inputs) raises a
 :class:`TractoscaleError` subclass; the CLI prints its message on one line and
 exits with its ``exit_code``.  Anything else is a bug and keeps its traceback.
 """
+import errno
+import os
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_GENERIC = 1
@@ -65,3 +68,24 @@ class OutputError(TractoscaleError):
 
 class IOFailure(TractoscaleError):
     exit_code = EXIT_IO
+
+
+# errors that only writing can cause: whatever the path, they are about the output side
+_WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)}
+
+
+def describe_os_error(exc: OSError, *output_roots) -> TractoscaleError:
+    """A one-line error for a file system fault: exit 73 (cannot create output) when it concerns a
+    path under one of ``output_roots`` or is a write-only error (disk full, quota, read-only file
+    system, file too large), else exit 74 (I/O error, e.g. an unreadable input)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    path = exc.filename
+    if path is not None:
+        where = Path(os.path.abspath(os.fsdecode(path)))
+        roots = [Path(os.path.abspath(r)) for r in output_roots if r is not None]
+        if exc.errno in _WRITE_ERRNOS or any(where == r or r in where.parents for r in roots):
+            return OutputError(f"cannot write {where}: {reason}")
+        return IOFailure(f"cannot read {where}: {reason}")
+    if exc.errno in _WRITE_ERRNOS:
+        return OutputError(f"cannot write outputs: {reason}")
+    return IOFailure(f"I/O error: {reason}")

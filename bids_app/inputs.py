@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import InputDataError, NoInputError
+from .errors import InputDataError, IOFailure, NoInputError
 from .gradients import fsl_to_voxel_bvecs
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,10 @@ class DwiData:
 def _read_table(path: Path, what: str) -> np.ndarray:
     try:
         arr = np.loadtxt(path, ndmin=2, dtype=float)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        _raise_if_io_error(path, exc)
+        raise InputDataError(f"{path.name}: cannot read {what} as numbers ({exc})") from None
+    except ValueError as exc:
         raise InputDataError(f"{path.name}: cannot read {what} as numbers ({exc})") from None
     return arr
 
@@ -91,14 +94,69 @@ def load_gradients(bval_path: Path, bvec_path: Path, n_volumes: int, affine: np.
     return bvals, fsl_to_voxel_bvecs(vecs, affine)
 
 
-def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path) -> DwiData:
+# deflate cannot shrink data more than about 1032:1: a .nii.gz claiming more is not what it says
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _gb(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MB"
+
+
+def check_image_size(path: Path, img, memory_limit: int | None = None) -> None:
+    """Refuse, before anything is allocated, an image whose header claims more data than the file
+    can hold, more than ``memory_limit`` bytes as float32, or values that are not real numbers."""
+    path = Path(path)
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind == "c":
+        raise InputDataError(f"{path.name}: complex-valued data ({dtype}); tractoscale needs magnitude images")
+    if dtype.kind not in "biuf":
+        raise InputDataError(f"{path.name}: data type {dtype} is not a number per voxel (RGB or a compound type?)")
+    n_voxels = int(np.prod(img.shape, dtype=np.uint64))
+    claimed = n_voxels * dtype.itemsize
+    size = path.stat().st_size
+    shape = "x".join(str(d) for d in img.shape)
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    if path.name.endswith(".gz"):
+        if claimed > size * _MAX_DEFLATE_RATIO:
+            raise InputDataError(f"{path.name}: the header claims {shape} {dtype} voxels ({_gb(claimed)}) but "
+                                 f"the {_gb(size)} compressed file cannot hold that much: the header is corrupt")
+    elif offset + claimed > size:
+        raise InputDataError(f"{path.name}: the header claims {shape} {dtype} voxels ({_gb(claimed)}) but the "
+                             f"file holds {_gb(max(size - offset, 0))} of data: truncated file or corrupt header")
+    need = n_voxels * 4      # the float32 copy every model reads
+    if memory_limit is not None and need > memory_limit:
+        raise InputDataError(f"{path.name}: {shape} voxels need {_gb(need)} of memory as float32, more than "
+                             f"the {_gb(memory_limit)} available (--mem, the job's limit or the free memory)")
+
+
+def _raise_if_io_error(path: Path, exc: Exception) -> None:
+    """A file the system cannot read (permissions, a failing disk: an errno) is an I/O error (exit
+    74), not bad data; nibabel's own complaints about the content carry no errno."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise IOFailure(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_problem(exc: Exception) -> str:
+    """What went wrong reading image data, in words (some exceptions have no message)."""
+    if isinstance(exc, EOFError) or ("Expected" in str(exc) and "bytes" in str(exc)):
+        return "the file ends before the image data does (truncated or damaged)"
+    if isinstance(exc, MemoryError):
+        return "not enough memory"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: int | None = None) -> DwiData:
+    """Load and check one DWI run; ``memory_limit``: bytes the float32 image may take."""
     dwi_path = Path(dwi_path)
     if not dwi_path.is_file():
         raise NoInputError(f"{dwi_path} does not exist")
     try:
         img = nib.load(str(dwi_path))
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputDataError(f"{dwi_path.name}: cannot read as NIfTI ({exc})") from None
+        _raise_if_io_error(dwi_path, exc)
+        raise InputDataError(f"{dwi_path.name}: cannot read as NIfTI ({_read_problem(exc)})") from None
+    check_image_size(dwi_path, img, memory_limit)
     if img.ndim != 4:
         raise InputDataError(f"{dwi_path.name}: a DWI must be 4D (x, y, z, volumes); this image is {img.ndim}D")
     affine = np.asarray(img.affine, dtype=float)
@@ -110,10 +168,17 @@ def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path) -> DwiData:
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
-        raise InputDataError(f"{dwi_path.name}: cannot read image data ({exc})") from None
+        _raise_if_io_error(dwi_path, exc)
+        raise InputDataError(f"{dwi_path.name}: cannot read image data ({_read_problem(exc)})") from None
     n_bad = int(np.count_nonzero(~np.isfinite(data)))
     if n_bad:
         raise InputDataError(f"{dwi_path.name}: {n_bad} NaN/inf values in the image data")
+    if not any(np.any(data[..., i] > 0) for i in np.flatnonzero(bvals <= B0_THRESHOLD)):
+        raise InputDataError(f"{dwi_path.name}: no signal: the b=0 volumes hold no positive value "
+                             "(an empty or blanked image)")
+    if float(data.max()) == float(data.min()):
+        raise InputDataError(f"{dwi_path.name}: no signal: every voxel of every volume holds "
+                             f"{float(data.flat[0]):g}")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return DwiData(data=data, affine=affine, header=img.header, bvals=bvals, bvecs=bvecs, zooms=zooms)
 
@@ -122,7 +187,9 @@ def load_mask(path: Path, shape, affine) -> np.ndarray:
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise InputDataError(f"{Path(path).name}: cannot read mask ({exc})") from None
+        _raise_if_io_error(Path(path), exc)
+        raise InputDataError(f"{Path(path).name}: cannot read mask ({_read_problem(exc)})") from None
+    check_image_size(path, img)
     if tuple(img.shape[:3]) != tuple(shape[:3]) or not np.allclose(img.affine, affine, atol=1e-3):
         raise InputDataError(f"{Path(path).name}: mask grid {img.shape[:3]} does not match the DWI grid {shape[:3]}")
     mask = np.asarray(img.dataobj) > 0

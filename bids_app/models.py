@@ -179,4 +179,7 @@ def _parallel_kwargs(nthreads):
     n = nthreads or os.cpu_count() or 1
     if n <= 1:
         return {}
+    # joblib's workers start as `python -m ...`, which puts the working directory (perhaps the input
+    # dataset, with a planted numpy.py) first on sys.path: they must start without it
+    os.environ["PYTHONSAFEPATH"] = "1"
     return {"engine": "joblib", "n_jobs": n}

@@ -7,6 +7,7 @@ flag, raised within a second or two and before anything is written.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import Config, flag_errors
@@ -15,6 +16,7 @@ from .errors import TractoscaleError, UsageError
 
 def preflight(config: Config) -> None:
     check_device(config)
+    check_memory(config)
     if config.analysis_level == "group":
         check_tbss(config)
         check_segmentation(config)
@@ -27,6 +29,19 @@ def check_device(config: Config) -> None:
     from kernels.device import select_device
     with flag_errors(config.resources.device):
         select_device(config.resources.device)
+
+
+def check_memory(config: Config) -> None:
+    """``--mem`` beyond the machine's RAM is a mistake (megabytes for gigabytes?): chunks sized for
+    it would exhaust the node."""
+    mem = config.resources.memory_bytes
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if mem is not None and total > 0 and mem > total:
+        raise UsageError(f"--mem {config.resources.mem:g} GB is more than this machine's "
+                         f"{total / (1 << 30):.0f} GB of memory (--mem is in GB)")
 
 
 def _as_usage(exc: TractoscaleError) -> UsageError:

@@ -1,11 +1,15 @@
-"""The machine a run gets: CPU threads, memory, and Numba's cache folder.
+"""The machine a run gets: CPU threads, memory, Numba's cache folder, and a clean import path.
 
 Called once by the command line before any heavy import (thread counts are read by BLAS and Numba
 when they load), then by the workflows for the memory budget of tracking.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,27 +67,116 @@ def memory_budget(res: Resources) -> int:
     return min(limit, avail) if limit else avail
 
 
-def ensure_numba_cache_dir() -> None:
-    """Numba's cache must be writable or every cached kernel import fails; fall back to a private
-    temporary folder (e.g. another user's /tmp/numba_cache on a shared cluster node)."""
-    path = os.environ.get("NUMBA_CACHE_DIR")
-    if path:
-        try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            if os.access(path, os.W_OK | os.X_OK):
-                return
-        except OSError:
-            pass
-    elif os.access(Path.home(), os.W_OK):
-        return  # numba's default (beside the package or in ~/.cache) is usable
-    # a private folder that stays the same between runs, so kernels compile once per user and node
-    mine = Path(tempfile.gettempdir()) / f"tractoscale-numba-{os.getuid()}"
+def private_dir_problem(path: Path | str) -> str | None:
+    """Why ``path`` is not a folder only this user can change, or None if it is.
+
+    The folder itself (``lstat``: a symbolic link is refused) must be a directory owned by this user
+    and not writable by group or others.  Every folder above it (on its resolved path) must belong to
+    root or to this user and, if others may write in it, carry the sticky bit (like ``/tmp``), so
+    nobody else can rename or replace any level of the path.
+    """
+    path = Path(path)
+    uid = os.getuid()
     try:
-        mine.mkdir(mode=0o700, exist_ok=True)
-        st = mine.stat()
-        if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(mine, os.W_OK | os.X_OK):
-            os.environ["NUMBA_CACHE_DIR"] = str(mine)
-            return
-    except OSError:
-        pass
-    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tractoscale-numba-")
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot inspect {path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_uid != uid:
+        return f"{path} belongs to uid {st.st_uid}, not to this user (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (chmod go-w to fix)"
+    for parent in Path(os.path.realpath(path)).parents:
+        try:
+            pst = os.stat(parent)
+        except OSError as exc:
+            return f"cannot inspect {parent}: {exc.strerror}"
+        if pst.st_uid not in (0, uid):
+            return f"{parent} belongs to uid {pst.st_uid}, who could replace {path}"
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            return f"{parent} is writable by others without the sticky bit; {path} could be replaced"
+    return None
+
+
+def make_private_dir(path: Path | str) -> str | None:
+    """Create ``path`` level by level with mode 0700 (whatever the umask) and check it with
+    :func:`private_dir_problem`; return what is wrong, or None when it is safe to use."""
+    path = Path(os.path.abspath(path))
+    missing = []
+    for level in [path, *path.parents]:
+        if os.path.lexists(level):
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            pass             # made by someone else meanwhile: the check below decides
+        except OSError as exc:
+            return f"cannot create {level}: {exc.strerror}"
+    return private_dir_problem(path)
+
+
+# Why the Numba cache is where it is: logged by the CLI once logging is set up.
+numba_cache_note: str | None = None
+
+
+def ensure_numba_cache_dir() -> Path:
+    """Point ``NUMBA_CACHE_DIR`` at a folder only this user can write, before numba is imported.
+
+    Numba unpickles its cache index files, so a cache folder that someone else can write (a shared
+    ``/tmp/numba_cache`` under Apptainer, a link swapped in after a check) runs their code as you.
+    In order: ``NUMBA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/tractoscale/numba``; then ``<tmp>/tractoscale-numba-<uid>`` (kernels still compile once per
+    user and node); else a fresh private temporary folder, removed at exit.  Each is used only if
+    :func:`make_private_dir` accepts it, and the variable is set to its resolved path.
+    """
+    global numba_cache_note
+    given = os.environ.get("NUMBA_CACHE_DIR")
+    if given:
+        candidates = [Path(given)]
+    else:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        candidates = [Path(cache_home) / "tractoscale" / "numba"]
+    candidates.append(Path(tempfile.gettempdir()) / f"tractoscale-numba-{os.getuid()}")
+    problems, kept = [], True
+    for cand in candidates:
+        problem = make_private_dir(cand)
+        if problem is None:
+            chosen = Path(os.path.realpath(cand))
+            break
+        problems.append(problem)
+    else:
+        chosen, kept = Path(tempfile.mkdtemp(prefix="tractoscale-numba-")), False
+        atexit.register(shutil.rmtree, chosen, ignore_errors=True)
+    if problems:
+        numba_cache_note = (f"Numba cache in {chosen}, not in {candidates[0]}: {'; '.join(problems)}"
+                            + ("" if kept else " (a temporary folder: kernels compile again at each run)"))
+    os.environ["NUMBA_CACHE_DIR"] = str(chosen)
+    return chosen
+
+
+def isolate_imports() -> None:
+    """No code may be imported from the working directory (it may be the input dataset, with a
+    planted ``numpy.py``): drop it, and any relative entry, from ``sys.path`` and ``PYTHONPATH``
+    (an empty entry, as in ``PYTHONPATH=:/opt/lib``, means the working directory), and make every
+    Python child process (joblib and multiprocessing workers) start without it (``PYTHONSAFEPATH``)."""
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:      # the working directory was removed: nothing to import from it
+        cwd = None
+
+    def safe(entry: str) -> bool:
+        return os.path.isabs(entry) and os.path.realpath(entry) != cwd
+
+    sys.path[:] = [p for p in sys.path if safe(p)]
+    if "PYTHONPATH" in os.environ:
+        kept = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if safe(p)]
+        if kept:
+            os.environ["PYTHONPATH"] = os.pathsep.join(kept)
+        else:
+            del os.environ["PYTHONPATH"]

@@ -7,7 +7,9 @@ tractogram) under a temporary name and renames it into place with
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .derivatives import TRACTOGRAM_FORMATS as FORMATS
-from .derivatives import atomic_write
+from .derivatives import PARTS_LOCK, atomic_write, hold_lock, host_tag
 from .errors import OutputError
 
 _COPY_BLOCK = 16 << 20
@@ -40,17 +42,35 @@ class TrxStreamWriter:
         self.dimensions = [int(d) for d in dimensions][:3]
         self.pos_dtype = np.dtype(np.float16 if float16 else np.float32)
         self.dps_spec = {k: (np.dtype(dt), int(nc)) for k, (dt, nc) in (dps or {}).items()}
+        self._closed = False
+        self._files: list = []
+        self._lock = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.parts-", dir=self.path.parent))
+            # named like atomic_write's temporaries (see bids_app.derivatives.TEMP_MARKERS)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.parts-{host_tag()}-{os.getpid()}-",
+                                              dir=self.path.parent))
         except OSError as exc:
             raise OutputError(f"cannot write in {self.path.parent}: {exc.strerror}") from None
-        self._pos = open(self._tmp / "positions", "wb")
-        self._len = open(self._tmp / "lengths", "wb")
-        self._dps = {k: open(self._tmp / f"dps_{k}", "wb") for k in self.dps_spec}
+        try:
+            # held until the parts are removed: a start-up sweep leaves a live writer's parts alone
+            self._lock = hold_lock(self._tmp / PARTS_LOCK)
+            self._pos = self._open("positions")
+            self._len = self._open("lengths")
+            self._dps = {k: self._open(f"dps_{k}") for k in self.dps_spec}
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from exc
         self.n_streamlines = 0
         self.n_vertices = 0
-        self._closed = False
+
+    def _open(self, name: str):
+        f = open(self._tmp / name, "wb")
+        self._files.append(f)
+        return f
+
+    def _failed(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write {self.path}: {exc.strerror or exc}")
 
     # ------------------------------------------------------------------ writing
     def append(self, positions: np.ndarray, lengths: np.ndarray, dps: dict | None = None) -> None:
@@ -63,13 +83,16 @@ class TrxStreamWriter:
         if set(dps) != set(self.dps_spec):
             raise ValueError(f"dps keys {sorted(dps)} != declared {sorted(self.dps_spec)}")
         k = len(lengths)
-        for key, (dt, nc) in self.dps_spec.items():
-            arr = np.asarray(dps[key], dtype=dt).reshape(k, nc) if nc > 1 else \
-                np.asarray(dps[key], dtype=dt).reshape(k)
-            # one conversion to contiguous little-endian, written straight from the array's buffer
-            self._dps[key].write(np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).data)
-        self._pos.write(np.ascontiguousarray(positions, dtype=self.pos_dtype.newbyteorder("<")).data)
-        self._len.write(lengths.astype("<u8").tobytes())
+        try:
+            for key, (dt, nc) in self.dps_spec.items():
+                arr = np.asarray(dps[key], dtype=dt).reshape(k, nc) if nc > 1 else \
+                    np.asarray(dps[key], dtype=dt).reshape(k)
+                # one conversion to contiguous little-endian, written straight from the array's buffer
+                self._dps[key].write(np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).data)
+            self._pos.write(np.ascontiguousarray(positions, dtype=self.pos_dtype.newbyteorder("<")).data)
+            self._len.write(lengths.astype("<u8").tobytes())
+        except OSError as exc:     # disk full, quota...: the parts are dropped by abort()
+            raise self._failed(exc) from exc
         self.n_streamlines += k
         self.n_vertices += len(positions)
 
@@ -77,13 +100,14 @@ class TrxStreamWriter:
         """Assemble the final file and remove the temporary parts."""
         if self._closed:
             return self.path
-        for f in [self._pos, self._len, *self._dps.values()]:
-            f.close()
         try:
+            self._close_files()
             if self.fmt == "trx":
                 self._write_trx()
             else:
                 self._write_nibabel()
+        except OSError as exc:     # atomic_write names the path already; flushing the parts may fail too
+            raise self._failed(exc) from exc
         finally:
             self._cleanup()
         return self.path
@@ -91,9 +115,20 @@ class TrxStreamWriter:
     def abort(self) -> None:
         """Drop everything written so far (the output path is not touched)."""
         if not self._closed:
-            for f in [self._pos, self._len, *self._dps.values()]:
-                f.close()
+            with contextlib.suppress(OSError):
+                self._close_files()
             self._cleanup()
+
+    def _close_files(self):
+        files, self._files = self._files, []
+        errors = []
+        for f in files:
+            try:
+                f.close()        # flushes: a full disk may only show here
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def __enter__(self):
         return self
@@ -108,6 +143,9 @@ class TrxStreamWriter:
     def _cleanup(self):
         self._closed = True
         shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # ------------------------------------------------------------------ assembling
     def _header(self) -> dict:

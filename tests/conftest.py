@@ -22,15 +22,26 @@ def tractoscale_cmd() -> list[str]:
     exe = shutil.which("tractoscale")
     if exe and Path(exe).resolve().parent == Path(sys.executable).resolve().parent:
         return [exe]
-    return [sys.executable, "-m", "bids_app.cli"]
+    # -P: the working directory is not put on sys.path (as for the installed `tractoscale` script)
+    return [sys.executable, "-P", "-m", "bids_app.cli"]
 
 
-def run_cli(*args, check=False, env=None, timeout=900) -> subprocess.CompletedProcess:
-    """Run the real command line in a subprocess."""
+def _cli_env(env=None) -> dict:
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return full_env
+
+
+def start_cli(*args, env=None, cwd=None, **popen_kw) -> subprocess.Popen:
+    """Start the real command line in a subprocess without waiting (concurrency, signals)."""
+    return subprocess.Popen(tractoscale_cmd() + [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_cli_env(env), cwd=cwd or ROOT, **popen_kw)
+
+
+def run_cli(*args, check=False, env=None, timeout=900, cwd=None, **run_kw) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess (in ``cwd``, default the project root)."""
     proc = subprocess.run(tractoscale_cmd() + [str(a) for a in args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+                          env=_cli_env(env), timeout=timeout, cwd=cwd or ROOT, **run_kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"tractoscale {' '.join(map(str, args))} -> {proc.returncode}\n"
                              f"{proc.stdout}\n{proc.stderr}")

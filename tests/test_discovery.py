@@ -45,7 +45,7 @@ def test_sessions_runs_and_inherited_gradients(sessions_dataset, tmp_path):
 def test_session_selection_and_unknown_session(sessions_dataset, tmp_path):
     inputs = discover(sessions_dataset, ["02"], sessions=["02"], database_dir=tmp_path / "db")
     assert [i.label for i in inputs] == ["sub-02_ses-02"]
-    with pytest.raises(UsageError, match="unknown session"):
+    with pytest.raises(NoMatchError, match="unknown session"):     # exit 18, as the README says
         discover(sessions_dataset, ["02"], sessions=["09"], database_dir=tmp_path / "db2")
 
 

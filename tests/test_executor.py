@@ -43,6 +43,32 @@ def test_task_failure_propagates():
             list(run_tasks(ex, _fail, [((i,), {}) for i in range(5)], desc="t", disable_progress=True))
 
 
+def _slow_write(path):
+    import time
+    time.sleep(30)
+    with open(path, "w") as f:
+        f.write("written after the interrupt")
+
+
+def test_interrupt_stops_the_pool_workers_at_once(tmp_path):
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt in the main process) while tasks run: the workers are
+    ended and queued tasks dropped, so nothing keeps writing after the run is gone."""
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with make_executor(2) as ex:
+            futures = [ex.submit(_slow_write, str(tmp_path / f"out{i}")) for i in range(4)]
+            while len(ex._processes) < 2 or not any(f.running() for f in futures):
+                time.sleep(0.05)
+            workers = list(ex._processes.values())
+            raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 20
+    assert workers and not any(p.is_alive() for p in workers)
+    assert all(f.cancelled() or f.done() for f in futures)
+    time.sleep(1.0)
+    assert not list(tmp_path.iterdir())
+
+
 def test_bad_scheduler_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         with make_executor(dask_scheduler=str(tmp_path / "scheduler.json")):

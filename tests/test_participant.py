@@ -1,11 +1,9 @@
 """Participant level through the real CLI on the demo phantom."""
 import json
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from bids_app.demo import BUNDLES
 from conftest import ROOT, run_cli, tractoscale_cmd

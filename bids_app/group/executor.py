@@ -77,16 +77,48 @@ def make_executor(nthreads: int | None = None, dask_scheduler: str | None = None
         client = _dask_client(str(dask_scheduler), timeout)
         log.info("Dask scheduler %s: %d workers", client.scheduler.address,
                  len(client.scheduler_info().get("workers", {})))
+        ex = client.get_executor(pure=False)
         try:
-            with client.get_executor(pure=False) as ex:
-                yield ex
+            yield ex
+        except BaseException:
+            # interrupted (Ctrl-C, SIGTERM) or failed: drop our queued tasks from the cluster rather
+            # than wait for them; tasks already running finish (their outputs are written atomically)
+            ex.shutdown(wait=False)      # cancels this executor's futures
+            raise
+        else:
+            ex.shutdown(wait=True)
         finally:
             client.close()
         return
     n = max(1, int(nthreads or os.cpu_count() or 1))
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_limit_worker_threads) as ex:
+    ex = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_limit_worker_threads)
+    try:
         yield ex
+    except KeyboardInterrupt:        # Ctrl-C or SIGTERM (see bids_app.cli): stop the workers now
+        stop_pool(ex)
+        raise
+    except BaseException:            # a task failed: running ones finish (their results are kept)
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        ex.shutdown(wait=True)
+
+
+def stop_pool(ex: ProcessPoolExecutor, grace: float = 5.0) -> None:
+    """Stop a local pool now: cancel queued tasks and end the worker processes (SIGTERM, then
+    SIGKILL after ``grace`` seconds), so no worker outlives an interrupted run or keeps writing."""
+    processes = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.join(grace)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
 
 
 def run_tasks(executor: Executor, fn: Callable, calls: Iterable[tuple[tuple, dict]], *, desc: str,

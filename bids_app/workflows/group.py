@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..config import TRACTOGRAM_FORMATS, Config
+from ..derivatives import remove_stale_temporaries
 from ..errors import NoInputError
 from .participant import _run_log, prepare
 
@@ -33,6 +34,8 @@ def _summarise_tbss(result):
 def run_group_level(config: Config) -> int:
     prepare(config)
     out = config.output_dir
+    for path in remove_stale_temporaries([out]):
+        log.info("removed %s, left by a process that no longer runs", path)
     if not any(Path(out).glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
         raise NoInputError(f"no participant outputs (FA maps) in {out}: run the participant level first")
     if config.execution.reports_only:

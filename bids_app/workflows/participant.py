@@ -26,11 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..config import Config
-from ..derivatives import (bids_name, ensure_dataset_description, permission_hint, run_label, save_nifti,
+from ..config import Config, Resources
+from ..derivatives import (bids_name, ensure_dataset_description, permission_hint, remove_stale_temporaries,
+                           run_label, save_nifti,
                            sidecar_path, subject_dir)
 from ..discovery import DwiInput, check_bids_dir, check_not_inside, discover, load_filter_file, select_subjects
-from ..errors import OutputError, TractoscaleError
+from ..errors import OutputError, TractoscaleError, describe_os_error
 from ..stages import RECORD_DIR, Stage, StageSkipped, plan
 
 log = logging.getLogger("tractoscale.participant")
@@ -132,13 +133,16 @@ class RunData:
     """One DWI run's inputs and maps, each loaded on first use (from memory when a stage of this
     process just computed it, else from its output file)."""
 
-    def __init__(self, inp: DwiInput, out: Outputs, source: str):
+    def __init__(self, inp: DwiInput, out: Outputs, source: str, resources: Resources | None = None):
         self.inp, self.out, self.source = inp, out, source
+        self.resources = resources
 
     @cached_property
     def dwi(self):
         from ..inputs import load_dwi
-        dwi = load_dwi(self.inp.dwi, self.inp.bval, self.inp.bvec)
+        from ..resources import memory_budget
+        limit = memory_budget(self.resources) if self.resources is not None else None
+        dwi = load_dwi(self.inp.dwi, self.inp.bval, self.inp.bvec, memory_limit=limit)
         log.info("%s: %s, %d volumes, voxels %s mm, b-values %s", self.inp.label, dwi.data.shape[:3],
                  dwi.data.shape[3], "x".join(f"{z:g}" for z in dwi.zooms),
                  sorted({int(b) for b in np.round(dwi.bvals, -1)}))
@@ -320,25 +324,53 @@ def process_run(inp: DwiInput, config: Config) -> str:
     opts = config.tracking
     out = Outputs(config.output_dir, inp.entities, config.models.odf_model,
                   opts.algorithm if opts.enabled else None, opts.extension)
-    run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives))
+    run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives),
+                  resources=config.resources)
     steps = participant_stages(inp, config, out, run)
     if config.execution.reports_only:   # the report alone, from what is on disk
         steps = [(st, work) for st, work in steps if st.key.endswith("_report")]
-    todo = plan(steps, force=config.execution.force or config.execution.reports_only)
-    if not todo:
+    force = config.execution.force or config.execution.reports_only
+    if not plan(steps, force=force):
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
         return "skipped"
-    bar = tqdm(total=len(todo), desc=inp.label, unit="stage", leave=False,
-               disable=None if config.execution.progress else True)
-    try:
-        for stage, work in todo:
-            bar.set_postfix_str(stage.key.removeprefix(inp.label + "_"))
-            with stage.running():
-                work()
-            bar.update()
-    finally:
-        bar.close()
+    with _run_lock(out, inp.label) as waited:
+        # planned again under the lock: a run that held it may have completed the stages meanwhile
+        todo = plan(steps, force=force and not waited)
+        if not todo:
+            log.info("%s: completed by another tractoscale process meanwhile, skipping", inp.label)
+            return "skipped"
+        bar = tqdm(total=len(todo), desc=inp.label, unit="stage", leave=False,
+                   disable=None if config.execution.progress else True)
+        try:
+            for stage, work in todo:
+                bar.set_postfix_str(stage.key.removeprefix(inp.label + "_"))
+                with stage.running():
+                    work()
+                bar.update()
+        finally:
+            bar.close()
     return "done"
+
+
+@contextlib.contextmanager
+def _run_lock(out: Outputs, label: str):
+    """One process at a time per DWI run (the same participant started twice, in two array tasks):
+    the second waits for the first; yields whether it had to wait."""
+    from filelock import FileLock, Timeout
+    out.records.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.records / f"{label}.lock"))
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waited = True
+        log.warning("%s: another tractoscale process is working on this run; waiting for it to finish "
+                    "(lock %s)", label, lock.lock_file)
+        lock.acquire()
+    try:
+        yield waited
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- level
@@ -370,17 +402,20 @@ def _run_log(output_dir: Path, label: str):
 
 @contextlib.contextmanager
 def _work_dir(config: Config):
-    if config.resources.work_dir is not None:
-        path = Path(config.resources.work_dir) / f"tractoscale_{os.getpid()}"
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create work dir {path}: {exc.strerror}") from None
+    """A fresh private folder (``mkdtemp``: mode 0700, a name nobody else can have taken) in
+    ``--work-dir`` or the system's temporary folder; removed at the end, also on SIGTERM."""
+    parent = config.resources.work_dir
+    try:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"tractoscale_{os.getpid()}_", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create a work folder in {parent or tempfile.gettempdir()}: "
+                          f"{exc.strerror}") from None
+    try:
         yield path
+    finally:
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        with tempfile.TemporaryDirectory(prefix="tractoscale_") as tmp:
-            yield Path(tmp)
 
 
 def prepare(config: Config) -> list[str]:
@@ -402,31 +437,54 @@ def prepare(config: Config) -> list[str]:
     return subjects
 
 
+def _run_logged(inp: DwiInput, config: Config, work: Path) -> str:
+    """:func:`process_run` with its own log file; a file system fault becomes a one-line
+    :class:`TractoscaleError` naming the path (exit 73 for outputs), so other runs go on."""
+    try:
+        with _run_log(config.output_dir, inp.label) as logfile:
+            t0 = time.perf_counter()
+            try:
+                result = process_run(inp, config)
+            except OSError as exc:
+                log.debug("%s: file system error", inp.label, exc_info=True)
+                err = describe_os_error(exc, config.output_dir, work)
+                log.error("%s: %s", inp.label, err)
+                raise err from None
+            except TractoscaleError as exc:
+                log.error("%s: %s", inp.label, exc)
+                raise
+            except Exception:
+                log.exception("%s: unexpected error (log: %s)", inp.label, logfile)
+                raise
+            log.info("%s: %s in %.1f s", inp.label, result, time.perf_counter() - t0)
+            return result
+    except OSError as exc:       # the log file itself cannot be written
+        raise describe_os_error(exc, config.output_dir) from None
+
+
 def run_participant_level(config: Config) -> int:
     subjects = prepare(config)
     sel = config.selection
     filters = load_filter_file(sel.bids_filter_file)
+    out_dir = Path(config.output_dir)
+    for path in remove_stale_temporaries([out_dir / f"sub-{s}" for s in subjects]) + \
+            remove_stale_temporaries([out_dir], recursive=False):
+        log.info("removed %s, left by a process that no longer runs", path)
     with _work_dir(config) as work:
         inputs = discover(config.bids_dir, subjects, sessions=sel.session_label, filters=filters,
                           derivatives_dir=sel.input_derivatives,
                           database_dir=sel.bids_database_dir or (work / "pybids_db"),
+                          shared_database=sel.bids_database_dir is not None,
                           strict=bool(sel.participant_label))
         links = {"preprocessed": sel.input_derivatives} if sel.input_derivatives else None
         ensure_dataset_description(config.output_dir, config.bids_dir, links)
         results, failures = {}, []
         for inp in inputs:
-            with _run_log(config.output_dir, inp.label) as logfile:
-                t0 = time.perf_counter()
-                try:
-                    results[inp.label] = process_run(inp, config)
-                    log.info("%s: %s in %.1f s", inp.label, results[inp.label], time.perf_counter() - t0)
-                except TractoscaleError as exc:
-                    log.error("%s: %s", inp.label, exc)
-                    failures.append((inp.label, exc))
-                    results[inp.label] = "failed"
-                except Exception:
-                    log.exception("%s: unexpected error (log: %s)", inp.label, logfile)
-                    raise
+            try:
+                results[inp.label] = _run_logged(inp, config, work)
+            except TractoscaleError as exc:
+                failures.append((inp.label, exc))
+                results[inp.label] = "failed"
     done = sum(v == "done" for v in results.values())
     skipped = sum(v == "skipped" for v in results.values())
     print(f"participant level: {done} processed, {skipped} already complete, {len(failures)} failed; "
