@@ -33,6 +33,7 @@ from .errors import UsageError
 
 LEVELS = ("participant", "group")
 ODF_MODELS = ("csa", "opdt", "csd")
+GRADIENT_CHECKS = ("auto", "warn", "off")
 DEVICES = ("auto", "cpu", "cuda")
 TRACKING_METHODS = ALGORITHMS + ("none",)
 STOP_RULES = ("fa", "gfa", "mask", "act", "cmc")
@@ -201,6 +202,11 @@ class Models(OptionGroup):
     sh_order: int | None = option(
         None, "maximum spherical-harmonic order (even; default: 8, lowered to fit the number of "
               "gradient directions)", type=int, metavar="L", check=even_order)
+    gradient_check: str = option(
+        "auto", "check the b-vectors for axis flips and permutations (as MRtrix3 dwigradcheck: the table "
+                "giving the longest streamlines wins): auto applies a clearly better table, warn only "
+                "reports it, off skips the check; the scores are in the DTI sidecars and the QC figure",
+        choices=GRADIENT_CHECKS)
 
 
 # Tracking fields named like TrackParams fields are kernel parameters: TrackParams gives their

@@ -31,9 +31,10 @@ class RunMaps:
     affine: np.ndarray
     mask: np.ndarray
     fa: np.ndarray
-    sh: np.ndarray                 # tournier07 (legacy=False) coefficients, voxel frame
+    sh: np.ndarray                 # tournier07 (legacy=False) coefficients, in the frame sh_frame
     sh_order: int
     odf_model: str
+    sh_frame: str = "world"        # "world" (what the ODF stage writes, BEP016 xyz) or "voxel" (ijk)
     gfa: np.ndarray | None = None
     tissue: dict | None = None     # WM/GM/CSF probability maps (ACT, CMC, interface seeding)
     dwi: np.ndarray | None = None  # the signal and its gradient table: the residual bootstrap only
@@ -180,7 +181,7 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
     per_voxel = opts.seeds_per_voxel if opts.n_seeds is None else None
     with flag_errors(device):
         params = opts.kernel_params(step_size=step, stop_method=stopping["method"])
-        run = TrackingRun(maps.sh, affine, basis="tournier07", legacy=False, frame="voxel", seeds=seeds_mask,
+        run = TrackingRun(maps.sh, affine, basis="tournier07", legacy=False, frame=maps.sh_frame, seeds=seeds_mask,
                           mask=mask, params=params, n_seeds=opts.n_seeds, seeds_per_voxel=per_voxel,
                           device=device, sphere=opts.sphere, odf_mode=opts.odf_mode,
                           memory_budget=memory_budget,
