@@ -119,6 +119,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     bids = args.bids_dir or make_hcp_demo(ROOT / ".bench" / "hcp")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_participant_"))
+    work.mkdir(parents=True, exist_ok=True)
     cache = Path(tempfile.mkdtemp(prefix="bench_numba_"))
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("NUMBA_ENABLE_CUDASIM", None)

@@ -149,3 +149,56 @@ def test_mrtrix3_reads_our_sh_and_tensor_as_we_do(xa30_run, tmp_path):
     assert np.mean(cos > 0.95) > 0.9, np.mean(cos > 0.95)
     cos = np.abs((_eigvec(_load(tensor_path)[wm]) * _unit(_load(tmp_path / "v1.nii")[wm])).sum(-1))
     assert np.mean(cos > 0.95) > 0.99
+
+
+def _csf_share_and_mean_length(tractogram, md_img):
+    """Share of streamline points in CSF-like voxels (MD > 2.0e-3 mm^2/s) and mean length (mm)."""
+    md = np.asarray(md_img.dataobj)
+    t = nib.streamlines.load(str(tractogram)) if not str(tractogram).endswith(".trx") else None
+    if t is None:
+        from trx.trx_file_memmap import load
+        trx = load(str(tractogram))
+        pts, lens = np.asarray(trx.streamlines._data, np.float64), np.asarray(trx.streamlines._lengths)
+        trx.close()
+    else:
+        pts, lens = np.asarray(t.streamlines._data, np.float64), np.asarray(t.streamlines._lengths)
+    ijk = np.clip(np.rint(nib.affines.apply_affine(np.linalg.inv(md_img.affine), pts)).astype(int), 0,
+                  np.array(md.shape) - 1)
+    csf = float((md[tuple(ijk.T)] > 2.0e-3).mean())
+    cum = np.r_[0, np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    return csf, float((cum[starts + lens - 1] - cum[starts]).mean())
+
+
+def test_default_stopping_is_the_fod_rule(xa30_run):
+    side = json.loads((xa30_run / "sub-01_track-prob_tractogram.json").read_text())
+    term = side["StreamlineTermination"]
+    assert term["Method"] == "FA and fibre-ODF peak amplitude" and term["FODCutoff"] == 0.3
+    csf, mean_len = _csf_share_and_mean_length(xa30_run / "sub-01_track-prob_tractogram.trx",
+                                               nib.load(str(xa30_run / "sub-01_model-tensor_param-md_dwimap.nii.gz")))
+    # measured: 0.017% and 70.5 mm (FA > 0.1 alone: 0.165% and 89.5 mm; tckgen iFOD2: 0.02%, 60.1 mm)
+    assert csf < 0.0005 and 45 < mean_len < 81
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tckgen") is None, reason="MRtrix3 not installed")
+def test_stopping_matches_tckgen_ifod2_on_the_same_seeds_and_mask(xa30_run, tmp_path):
+    """MRtrix3's own pipeline (dwi2response tournier, dwi2fod csd, tckgen iFOD2 with its default
+    cutoff) on our seed region and brain mask: our share of points in CSF-like voxels is at most 1.5x
+    tckgen's, our mean length within +-35% of its."""
+    d = XA30 / "sub-01" / "dwi"
+    fa_img = nib.load(str(xa30_run / "sub-01_model-tensor_param-fa_dwimap.nii.gz"))
+    seeds = np.asarray(fa_img.dataobj) > 0.25
+    nib.save(nib.Nifti1Image(seeds.astype(np.uint8), fa_img.affine), tmp_path / "seeds.nii")
+    mask = xa30_run / "sub-01_desc-brain_mask.nii.gz"
+    run = lambda *a: subprocess.run([*map(str, a), "-quiet", "-nthreads", "2"], check=True, cwd=tmp_path)  # noqa: E731
+    run("mrconvert", d / "sub-01_dwi.nii.gz", "dwi.mif", "-fslgrad", d / "sub-01_dwi.bvec", d / "sub-01_dwi.bval")
+    run("dwi2response", "tournier", "dwi.mif", "response.txt")
+    run("dwi2fod", "csd", "dwi.mif", "-mask", mask, "response.txt", "fod.mif")
+    run("tckgen", "fod.mif", "ifod2.tck", "-algorithm", "iFOD2", "-seed_image", "seeds.nii", "-seeds",
+        int(seeds.sum()), "-mask", mask, "-minlength", 10, "-maxlength", 250)
+    md = nib.load(str(xa30_run / "sub-01_model-tensor_param-md_dwimap.nii.gz"))
+    csf_ref, len_ref = _csf_share_and_mean_length(tmp_path / "ifod2.tck", md)
+    csf, mean_len = _csf_share_and_mean_length(xa30_run / "sub-01_track-prob_tractogram.trx", md)
+    assert csf <= max(1.5 * csf_ref, 1e-4), (csf, csf_ref)
+    assert abs(mean_len - len_ref) <= 0.35 * len_ref, (mean_len, len_ref)
