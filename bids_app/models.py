@@ -223,12 +223,8 @@ def fit_odf(dwi: DwiData, mask: np.ndarray, model: str, requested_order: int | N
                           f"{n_dirs} directions (order {DEFAULT_SH_ORDER} needs "
                           f"{(DEFAULT_SH_ORDER + 1) * (DEFAULT_SH_ORDER + 2) // 2})")
     params: dict = {"SphericalHarmonicDegree": order, "BValue": shell}
-    rows = dwi.rows(mask)
-    n = len(rows)
-    ncoef = (order + 1) * (order + 2) // 2
-    to_world = sh_conversion(order, basis="descoteaux07", legacy=True, frame="voxel", affine=dwi.affine,
-                             to_basis=SH_BASIS, to_legacy=False, to_frame="world")
-    coef = np.zeros((n, ncoef), np.float32)
+    rows, coef, to_world = _sh_rows(dwi, mask, order)
+    n, ncoef = coef.shape
     gfa = np.zeros(n, np.float32) if model in ("csa", "opdt") else None
     size = block_size(int(sel.sum()) + 4 * ncoef, memory_budget)
     if model in ("csa", "opdt"):
@@ -255,6 +251,16 @@ def fit_odf(dwi: DwiData, mask: np.ndarray, model: str, requested_order: int | N
     return OdfResult(sh=_grid(coef, mask), sh_order=order, model=model,
                      gfa=None if gfa is None else _grid(gfa, mask), parameters=params, bvalues=[shell],
                      description=description, downgrades=downgrades)
+
+
+def _sh_rows(dwi: DwiData, mask: np.ndarray, order: int):
+    """The signal rows of ``mask``, an output array for their SH coefficients, and the matrix taking
+    DIPY's coefficients (descoteaux07 legacy, voxel frame) to ours (tournier07, world frame)."""
+    rows = dwi.rows(mask)
+    coef = np.zeros((len(rows), (order + 1) * (order + 2) // 2), np.float32)
+    to_world = sh_conversion(order, basis="descoteaux07", legacy=True, frame="voxel", affine=dwi.affine,
+                             to_basis=SH_BASIS, to_legacy=False, to_frame="world")
+    return rows, coef, to_world
 
 
 def _grid(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -343,12 +349,8 @@ def _fit_msmt(dwi, mask, requested_order, fa, md, nthreads, memory_budget, devic
     model = MultiShellDeconvModel(gtab_model, response, sh_order_max=order, reg_sphere=default_sphere)
     solver = ConstrainedLeastSquares(model._X, model.fitter._reg.T)
     iso = response.iso                          # x: the isotropic tissues, then the WM FOD
-    rows = dwi.rows(mask)
+    rows, coef, to_world = _sh_rows(dwi, mask, order)
     n = len(rows)
-    ncoef = (order + 1) * (order + 2) // 2
-    to_world = sh_conversion(order, basis="descoteaux07", legacy=True, frame="voxel", affine=dwi.affine,
-                             to_basis=SH_BASIS, to_legacy=False, to_frame="world")
-    coef = np.zeros((n, ncoef), np.float32)
     failed, why = [], set()
     _set_threads(nthreads)
     size = block_size(int(sel.sum()) + 2 * solver.n, memory_budget)

@@ -38,6 +38,15 @@ def work_sizes(n: int, m: int) -> tuple[int, int]:
     return 2 * n * n + 6 * n + 2, n + m + 1
 
 
+def _jt_column(J, C, k, d, n):
+    """d = J' c_k (the constraint's normal in the current basis)."""
+    for j in range(n):
+        acc = 0.0
+        for i in range(n):
+            acc += J[i * n + j] * C[i, k]
+        d[j] = acc
+
+
 def _add_column(J, R, d, q, n):
     """Make constraint ``q`` active: rotate ``d = J' c`` so that d[q+1:] = 0 (the same rotations
     applied to the columns of J), then d[:q+1] is R's new column."""
@@ -135,11 +144,7 @@ def gi_solve(y, P, C, cinv, J0, x, wf, wi, max_iter, tol):
     q = 0
     for t in range(n_init):
         k = active[t]
-        for j in range(n):
-            acc = 0.0
-            for i in range(n):
-                acc += J[i * n + j] * C[i, k]
-            d[j] = acc
+        _jt_column(J, C, k, d, n)
         tail = 0.0
         for j in range(q, n):
             tail += d[j] * d[j]
@@ -214,11 +219,7 @@ def gi_solve(y, P, C, cinv, J0, x, wf, wi, max_iter, tol):
             sp = 0.0
             for i in range(n):
                 sp += C[i, p] * x[i]
-            for j in range(n):
-                acc = 0.0
-                for i in range(n):
-                    acc += J[i * n + j] * C[i, p]
-                d[j] = acc
+            _jt_column(J, C, p, d, n)
             zn = 0.0
             for i in range(n):
                 acc = 0.0
@@ -303,7 +304,7 @@ _LOCK = threading.Lock()
 def _kernel(target: str):
     with _LOCK:
         if target not in _KERNELS:
-            fns = compile_for(target, device=(_add_column, _drop_column, gi_solve), kernels=(solve_cpu if target == "cpu" else solve_gpu,))
+            fns = compile_for(target, device=(_jt_column, _add_column, _drop_column, gi_solve), kernels=(solve_cpu if target == "cpu" else solve_gpu,))
             _KERNELS[target] = fns["solve_cpu" if target == "cpu" else "solve_gpu"]
         return _KERNELS[target]
 
