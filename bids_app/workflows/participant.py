@@ -299,7 +299,7 @@ def write_odf(run: RunData, stage: Stage, config: Config) -> None:
 
 
 def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
-    from ..resources import memory_budget
+    from ..resources import remaining_budget
     from ..tracking import RunMaps, track_run
 
     opts = config.tracking
@@ -314,7 +314,7 @@ def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
                    tissue=_tissue_maps(run, stage) if _needs_tissue(opts) else None, dwi=dwi, gtab=gtab)
     stats = track_run(opts, maps, run.out.tractogram, device=config.resources.device,
-                      memory_budget=memory_budget(config.resources), nthreads=config.resources.nthreads,
+                      memory_budget=remaining_budget(config.resources), nthreads=config.resources.nthreads,
                       progress=config.execution.progress, sidecar=_sidecar(run.source, stage))
     log.info("%s: %d streamlines from %d seeds in %.1f s on %s", run.inp.label, stats["n_streamlines"],
              stats["n_seeds"], stats["seconds"], stats["device"])
