@@ -33,9 +33,10 @@ from .errors import UsageError
 
 LEVELS = ("participant", "group")
 ODF_MODELS = ("csa", "opdt", "csd")
+GRADIENT_CHECKS = ("auto", "warn", "off")
 DEVICES = ("auto", "cpu", "cuda")
 TRACKING_METHODS = ALGORITHMS + ("none",)
-STOP_RULES = ("fa", "gfa", "mask", "act", "cmc")
+STOP_RULES = ("auto", "fod", "fa", "gfa", "mask", "act", "cmc")
 SEEDINGS = ("wm", "interface", "brain")
 TRACTOGRAM_FORMATS = ("trx", "tck", "trk")   # in order of preference (BEP046 *_tractogram.<ext>)
 SEG_METHODS = ("ot", "centroid")
@@ -202,6 +203,11 @@ class Models(OptionGroup):
     sh_order: int | None = option(
         None, "maximum spherical-harmonic order (even; default: 8, lowered to fit the number of "
               "gradient directions)", type=int, metavar="L", check=even_order)
+    gradient_check: str = option(
+        "auto", "check the b-vectors for axis flips and permutations (as MRtrix3 dwigradcheck: the table "
+                "giving the longest streamlines wins): auto applies a clearly better table, warn only "
+                "reports it, off skips the check; the scores are in the DTI sidecars and the QC figure",
+        choices=GRADIENT_CHECKS)
 
 
 # Tracking fields named like TrackParams fields are kernel parameters: TrackParams gives their
@@ -240,11 +246,16 @@ class Tracking(OptionGroup):
     max_length: float = option(
         _DEFAULT_TRACK.max_length, "maximum streamline length in mm", type=float, metavar="MM")
     stop_method: str = option(
-        "fa", "stopping criterion: FA or GFA threshold, brain mask, or anatomical (ACT / CMC from "
-              "WM/GM/CSF maps)", choices=STOP_RULES)
+        "auto", "stopping criterion: fod (FA above --stop-threshold and fibre-ODF peak amplitude above "
+                "--fod-cutoff; CSD only), FA or GFA threshold, brain mask, or anatomical (ACT / CMC from "
+                "WM/GM/CSF maps); auto: fod with --odf-model csd, fa with csa/opdt", choices=STOP_RULES)
     stop_threshold: float = option(
-        _DEFAULT_TRACK.stop_threshold, "threshold for --stop-method fa/gfa", type=float,
+        _DEFAULT_TRACK.stop_threshold, "FA (or GFA) threshold for --stop-method fod/fa/gfa", type=float,
         metavar="T")
+    fod_cutoff: float = option(
+        0.3, "--stop-method fod: tracking stops where the fibre ODF's peak amplitude falls below F x the "
+             "median peak amplitude of the single-fibre voxels (FA > 0.7): tckgen's -cutoff, independent "
+             "of the ODF's scale", type=float, metavar="F", check=open_unit)
     pmf_threshold: float = option(
         _DEFAULT_TRACK.pmf_threshold, "ODF values below F x the maximum are ignored",
         type=float, metavar="F")
@@ -268,7 +279,7 @@ class Tracking(OptionGroup):
             self.kernel_params(step_size=step, algorithm=self.algorithm if self.enabled else "prob")
         except ParameterError as exc:
             raise option_error(exc.name, exc.problem) from None
-        if self.stop_method in ("fa", "gfa") and not 0 <= self.stop_threshold < 1:
+        if self.stop_method in ("auto", "fod", "fa", "gfa") and not 0 <= self.stop_threshold < 1:
             raise option_error("stop_threshold", f"must be in [0, 1) for {self.stop_method} "
                                                  f"(got {self.stop_threshold})")
         if self.n_seeds is not None and self.seeds_per_voxel is not None:
@@ -279,6 +290,12 @@ class Tracking(OptionGroup):
     @property
     def enabled(self) -> bool:
         return self.algorithm != "none"
+
+    def stop_rule(self, odf_model: str) -> str:
+        """``--stop-method`` with ``auto`` resolved for the ODF model."""
+        if self.stop_method != "auto":
+            return self.stop_method
+        return "fod" if odf_model == "csd" else "fa"
 
     @property
     def extension(self) -> str:
@@ -436,6 +453,9 @@ class Config:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
         if self.analysis_level == "participant" and self.tracking.enabled:
             check_algorithm_model(self.tracking.algorithm, self.models.odf_model)
+            if self.tracking.stop_method == "fod" and self.models.odf_model != "csd":
+                raise UsageError("--stop-method fod needs a fibre ODF (--odf-model csd); CSA/OPDT ODFs "
+                                 "have no fibre amplitude: use --stop-method fa or gfa")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Config":

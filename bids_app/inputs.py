@@ -6,6 +6,7 @@ affine) becomes an :class:`~bids_app.errors.InputDataError` naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,15 @@ UNIT_TOLERANCE = 0.05  # |norm - 1| allowed for b>0 vectors (rounding in text fi
 
 @dataclass
 class DwiData:
-    data: np.ndarray  # float32, 4D
+    """One DWI run held compactly: the signal of the voxels in ``mask`` only, one row per voxel.
+
+    A brain holds about a quarter of its image's voxels, so this is a quarter of the memory of the
+    4D image (the model fits read the signal of mask voxels only).  ``mean_b0`` covers the grid.
+    """
+
+    signal: np.ndarray  # (n, N) float32: the N volumes of the n voxels of ``mask`` (C order of the grid)
+    mask: np.ndarray  # bool (X, Y, Z): the voxels held
+    mean_b0: np.ndarray  # float32 (X, Y, Z): mean of the b=0 volumes, whole grid
     affine: np.ndarray
     header: nib.Nifti1Header
     bvals: np.ndarray
@@ -32,8 +41,20 @@ class DwiData:
     zooms: tuple
 
     @property
+    def shape(self) -> tuple:
+        return tuple(self.mask.shape)
+
+    @property
+    def n_volumes(self) -> int:
+        return int(self.signal.shape[1])
+
+    @property
     def b0_mask(self) -> np.ndarray:
         return self.bvals <= B0_THRESHOLD
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.signal.nbytes)
 
     def gtab(self, keep: np.ndarray | None = None):
         from dipy.core.gradients import gradient_table
@@ -42,6 +63,29 @@ class DwiData:
         bvals = self.bvals[sel]
         bvecs[bvals <= B0_THRESHOLD] = 0.0
         return gradient_table(bvals, bvecs=bvecs, b0_threshold=B0_THRESHOLD)
+
+    def rows(self, voxels: np.ndarray) -> np.ndarray:
+        """Row numbers in ``signal`` of the voxels of a boolean grid ``voxels`` (a subset of ``mask``)."""
+        voxels = np.asarray(voxels, dtype=bool)
+        if np.any(voxels & ~self.mask):
+            raise ValueError("voxels outside the DWI's loaded mask")
+        index = np.cumsum(self.mask.ravel()) - 1
+        return index[voxels.ravel()]
+
+    def grid(self, values: np.ndarray, fill=0, dtype=np.float32) -> np.ndarray:
+        """Per-voxel ``values`` ((n,) or (n, K), rows of ``signal``) scattered onto the grid."""
+        out = np.full(self.shape + values.shape[1:], fill, dtype=dtype)
+        out[self.mask] = values
+        return out
+
+    @property
+    def data(self) -> np.ndarray:
+        """The 4D float32 image (zero outside ``mask``); for small images and tests."""
+        return self.grid(self.signal)
+
+    def with_bvecs(self, bvecs: np.ndarray) -> "DwiData":
+        """The same signal with another gradient table (a corrected one)."""
+        return dataclasses.replace(self, bvecs=np.asarray(bvecs, dtype=np.float64))
 
 
 def _read_table(path: Path, what: str) -> np.ndarray:
@@ -123,10 +167,16 @@ def check_image_size(path: Path, img, memory_limit: int | None = None) -> None:
     elif offset + claimed > size:
         raise InputDataError(f"{path.name}: the header claims {shape} {dtype} voxels ({_gb(claimed)}) but the "
                              f"file holds {_gb(max(size - offset, 0))} of data: truncated file or corrupt header")
-    need = n_voxels * 4      # the float32 copy every model reads
-    if memory_limit is not None and need > memory_limit:
-        raise InputDataError(f"{path.name}: {shape} voxels need {_gb(need)} of memory as float32, more than "
-                             f"the {_gb(memory_limit)} available (--mem, the job's limit or the free memory)")
+    if memory_limit is not None:
+        check_memory(path, n_voxels, memory_limit)
+
+
+def check_memory(path: Path, n_values: int, memory_limit: int) -> None:
+    """Refuse to hold ``n_values`` float32 values when they exceed ``memory_limit`` bytes."""
+    need = int(n_values) * 4
+    if need > memory_limit:
+        raise InputDataError(f"{Path(path).name}: {need // 4} values need {_gb(need)} of memory as float32, more "
+                             f"than the {_gb(memory_limit)} available (--mem, the job's limit or the free memory)")
 
 
 def _raise_if_io_error(path: Path, exc: Exception) -> None:
@@ -146,8 +196,49 @@ def _read_problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: int | None = None) -> DwiData:
-    """Load and check one DWI run; ``memory_limit``: bytes the float32 image may take."""
+def _volumes(img, path: Path, wanted=None):
+    """Yield ``(index, float32 volume)`` for the volumes of a 4D NIfTI in file order, reading the
+    file once from start to end (a compressed file is never re-read from its start for each volume,
+    and only one volume is in memory at a time).  ``wanted``: indices to yield (default: all);
+    reading stops after the last one."""
+    shape = tuple(int(s) for s in img.shape[:3])
+    n = int(img.shape[3])
+    wanted = range(n) if wanted is None else sorted(int(i) for i in wanted)
+    last = max(wanted, default=-1)
+    want = set(wanted)
+    hdr = img.header
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or img.dataobj.order != "F":
+        for i in wanted:  # other formats: nibabel's own slicing
+            yield i, np.asarray(img.dataobj[..., i], dtype=np.float32)
+        return
+    dtype = hdr.get_data_dtype()
+    slope, inter = hdr.get_slope_inter()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    with nib.openers.ImageOpener(str(path)) as f:
+        f.seek(int(img.dataobj.offset))
+        for i in range(last + 1):
+            buf = f.read(nbytes)
+            if len(buf) != nbytes:
+                raise InputDataError(f"{Path(path).name}: the file ends before volume {i} (truncated?)")
+            if i not in want:
+                continue
+            vol = np.frombuffer(buf, dtype=dtype).reshape(shape, order="F").astype(np.float32)
+            if slope is not None and slope not in (0, 1):
+                vol *= np.float32(slope)
+            if inter is not None and inter != 0:
+                vol += np.float32(inter)
+            yield i, vol
+
+
+def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, mask=None, *,
+             memory_limit: int | None = None) -> DwiData:
+    """Load and check one DWI run, keeping the signal of the voxels of ``mask`` only.
+
+    ``mask``: a boolean grid, ``"auto"`` (median Otsu on the mean b=0, :func:`compute_mask`) or
+    None (every voxel).  The file is read volume by volume (twice with ``"auto"``: the b=0 volumes
+    first), so the peak memory is the kept signal plus one volume; ``memory_limit``: bytes the kept
+    signal may take (checked before it is allocated).
+    """
     dwi_path = Path(dwi_path)
     if not dwi_path.is_file():
         raise NoInputError(f"{dwi_path} does not exist")
@@ -156,7 +247,7 @@ def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: 
     except Exception as exc:  # nibabel raises many types for corrupt files
         _raise_if_io_error(dwi_path, exc)
         raise InputDataError(f"{dwi_path.name}: cannot read as NIfTI ({_read_problem(exc)})") from None
-    check_image_size(dwi_path, img, memory_limit)
+    check_image_size(dwi_path, img)
     if img.ndim != 4:
         raise InputDataError(f"{dwi_path.name}: a DWI must be 4D (x, y, z, volumes); this image is {img.ndim}D")
     affine = np.asarray(img.affine, dtype=float)
@@ -165,22 +256,52 @@ def load_dwi(dwi_path: Path, bval_path: Path, bvec_path: Path, *, memory_limit: 
     if img.shape[3] < 2:
         raise InputDataError(f"{dwi_path.name}: only {img.shape[3]} volume; need b=0 and diffusion-weighted volumes")
     bvals, bvecs = load_gradients(Path(bval_path), Path(bvec_path), img.shape[3], affine)
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:
-        _raise_if_io_error(dwi_path, exc)
-        raise InputDataError(f"{dwi_path.name}: cannot read image data ({_read_problem(exc)})") from None
-    n_bad = int(np.count_nonzero(~np.isfinite(data)))
-    if n_bad:
-        raise InputDataError(f"{dwi_path.name}: {n_bad} NaN/inf values in the image data")
-    if not any(np.any(data[..., i] > 0) for i in np.flatnonzero(bvals <= B0_THRESHOLD)):
+    shape = tuple(int(s) for s in img.shape[:3])
+    b0 = np.flatnonzero(bvals <= B0_THRESHOLD)
+
+    def read(wanted=None):
+        try:
+            for i, vol in _volumes(img, dwi_path, wanted):
+                n_bad = int(np.count_nonzero(~np.isfinite(vol)))
+                if n_bad:
+                    raise InputDataError(f"{dwi_path.name}: {n_bad} NaN/inf values in volume {i}")
+                yield i, vol
+        except InputDataError:
+            raise
+        except Exception as exc:   # OSError, EOFError, zlib errors...
+            _raise_if_io_error(dwi_path, exc)
+            raise InputDataError(f"{dwi_path.name}: cannot read image data ({_read_problem(exc)})") from None
+
+    mean_b0 = np.zeros(shape, np.float32)
+    if isinstance(mask, str) and mask == "auto":
+        for _, vol in read(b0):
+            mean_b0 += vol
+        mean_b0 /= len(b0)
+        mask = compute_mask(mean_b0)
+        b0_done = True
+    else:
+        b0_done = False
+    keep = np.ones(shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if keep.shape != shape:
+        raise ValueError(f"mask shape {keep.shape} != image {shape}")
+    if memory_limit is not None:
+        check_memory(dwi_path, int(keep.sum()) * img.shape[3], memory_limit)
+    signal = np.empty((int(keep.sum()), img.shape[3]), dtype=np.float32)
+    for i, vol in read():
+        signal[:, i] = vol[keep]
+        if not b0_done and bvals[i] <= B0_THRESHOLD:
+            mean_b0 += vol
+    if not b0_done:
+        mean_b0 /= len(b0)
+    if not np.any(mean_b0 > 0):
         raise InputDataError(f"{dwi_path.name}: no signal: the b=0 volumes hold no positive value "
                              "(an empty or blanked image)")
-    if float(data.max()) == float(data.min()):
-        raise InputDataError(f"{dwi_path.name}: no signal: every voxel of every volume holds "
-                             f"{float(data.flat[0]):g}")
+    if signal.size and float(signal.max()) == float(signal.min()):
+        raise InputDataError(f"{dwi_path.name}: no signal: every kept voxel of every volume holds "
+                             f"{float(signal.flat[0]):g}")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return DwiData(data=data, affine=affine, header=img.header, bvals=bvals, bvecs=bvecs, zooms=zooms)
+    return DwiData(signal=signal, mask=keep, mean_b0=mean_b0, affine=affine, header=img.header, bvals=bvals,
+                   bvecs=bvecs, zooms=zooms)
 
 
 def load_mask(path: Path, shape, affine) -> np.ndarray:
@@ -200,11 +321,10 @@ def load_mask(path: Path, shape, affine) -> np.ndarray:
     return mask
 
 
-def compute_mask(dwi: DwiData) -> np.ndarray:
+def compute_mask(mean_b0: np.ndarray) -> np.ndarray:
     """Brain mask by median Otsu on the mean b=0 (dipy)."""
     from dipy.segment.mask import median_otsu
-    mean_b0 = dwi.data[..., dwi.b0_mask].mean(axis=-1)
-    _, mask = median_otsu(mean_b0, median_radius=2, numpass=1)
+    _, mask = median_otsu(np.asarray(mean_b0, dtype=np.float32), median_radius=2, numpass=1)
     if not mask.any():
         raise InputDataError("automatic brain masking found no brain (is the b=0 image empty?)")
     return mask

@@ -8,7 +8,6 @@ flag, raised within a second or two and before anything is written.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .config import Config, flag_errors
 from .errors import TractoscaleError, UsageError
@@ -63,18 +62,12 @@ def check_tbss(config: Config) -> None:
 
 
 def check_segmentation(config: Config) -> None:
-    """The atlas must exist and be a TRX with bundle groups when segmentation will run."""
+    """A given ``--atlas`` must exist and be a TRX with bundle groups (exit 64 before TBSS runs).
+    Without one, the group level runs TBSS and skips the segmentation with a warning."""
     seg = config.segmentation
-    if seg.skip_segmentation:
+    if seg.skip_segmentation or seg.atlas is None:
         return
-    from .group.bundles.atlas import DEMO_ATLAS, atlas_problem
-    from .workflows.group import has_tractograms
-    if seg.atlas is not None:
-        problem = atlas_problem(seg.atlas)
-        if problem:
-            raise UsageError(f"--atlas {seg.atlas}: {problem}")
-        return
-    if (Path(config.bids_dir) / DEMO_ATLAS).is_file() or not has_tractograms(config.output_dir):
-        return
-    raise UsageError("bundle segmentation needs an atlas: pass --atlas PATH (a TRX whose groups are bundle "
-                     "labels, in the group's common space) or --skip-segmentation")
+    from .group.bundles.atlas import atlas_problem
+    problem = atlas_problem(seg.atlas)
+    if problem:
+        raise UsageError(f"--atlas {seg.atlas}: {problem}")

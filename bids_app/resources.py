@@ -67,6 +67,21 @@ def memory_budget(res: Resources) -> int:
     return min(limit, avail) if limit else avail
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def remaining_budget(res: Resources) -> int:
+    """What is left of :func:`memory_budget` given what this process already holds (at least
+    256 MiB): the budget a step that allocates on top of the current arrays may use."""
+    return max(memory_budget(res) - resident_bytes(), 256 << 20)
+
+
 def private_dir_problem(path: Path | str) -> str | None:
     """Why ``path`` is not a folder only this user can change, or None if it is.
 

@@ -31,9 +31,10 @@ class RunMaps:
     affine: np.ndarray
     mask: np.ndarray
     fa: np.ndarray
-    sh: np.ndarray                 # tournier07 (legacy=False) coefficients, voxel frame
+    sh: np.ndarray                 # tournier07 (legacy=False) coefficients, in the frame sh_frame
     sh_order: int
     odf_model: str
+    sh_frame: str = "world"        # "world" (what the ODF stage writes, BEP016 xyz) or "voxel" (ijk)
     gfa: np.ndarray | None = None
     tissue: dict | None = None     # WM/GM/CSF probability maps (ACT, CMC, interface seeding)
     dwi: np.ndarray | None = None  # the signal and its gradient table: the residual bootstrap only
@@ -102,9 +103,52 @@ def seed_region(opts: Tracking, *, mask, fa, tissue, affine) -> tuple[np.ndarray
     return seeds, desc
 
 
-def stopping_maps(opts: Tracking, *, mask, fa, gfa, sh, tissue) -> dict:
+def peak_amplitude(sh: np.ndarray, mask: np.ndarray, sphere: str = "repulsion724") -> np.ndarray:
+    """Largest value of each voxel's ODF (tournier07 SH, any frame) on a sphere, 0 outside ``mask``."""
+    from kernels.frames import sh_order_from_ncoef
+    from kernels.sphere import hemisphere, sh_to_sf_matrix
+    verts, _ = hemisphere(sphere)
+    bmat = sh_to_sf_matrix(verts, sh_order_from_ncoef(sh.shape[-1]))
+    amp = np.zeros(mask.shape, np.float32)
+    for z in range(mask.shape[2]):            # a slab at a time: bounded memory
+        m = mask[:, :, z]
+        if m.any():
+            amp[:, :, z][m] = np.clip((sh[:, :, z][m].astype(np.float32) @ bmat.T).max(axis=1), 0, None)
+    return amp
+
+
+def relative_fod_amplitude(sh, fa, mask) -> tuple[np.ndarray, float, int, float]:
+    """Peak fibre-ODF amplitude divided by its median over single-fibre voxels (the FA threshold of
+    the CSD response: 0.7, else 0.6 or 0.5): (map, reference, voxels, FA threshold).  A cutoff on
+    this ratio means the same on any ODF scale (DIPY's CSD, MSMT-CSD, MRtrix3's)."""
+    amp = peak_amplitude(sh, mask)
+    for thr in (0.7, 0.6, 0.5):
+        ref_vox = mask & (fa > thr) & (amp > 0)
+        if ref_vox.sum() >= 50:
+            break
+    if ref_vox.sum() < 10:
+        raise InputDataError("--stop-method fod: too few single-fibre voxels (FA > 0.5) to scale the ODF "
+                             "amplitude; use --stop-method fa")
+    ref = float(np.median(amp[ref_vox]))
+    return amp / ref, ref, int(ref_vox.sum()), thr
+
+
+def stopping_maps(opts: Tracking, *, mask, fa, gfa, sh, tissue, odf_model: str = "csd") -> dict:
     """Keyword arguments for :class:`kernels.api.TrackingRun` and a sidecar description."""
-    m = opts.stop_method
+    m = opts.stop_rule(odf_model)
+    if m == "fod":
+        rel, ref, n_ref, thr = relative_fod_amplitude(sh, fa, mask)
+        t, c = opts.stop_threshold, opts.fod_cutoff
+        ratio = rel / c if t <= 0 else np.minimum(fa / t, rel / c)
+        scalar = (0.5 * ratio * mask).astype(np.float32)       # >= 0.5 where both criteria hold
+        return dict(kw=dict(stopping=scalar, stop_threshold=0.5), method="threshold",
+                    desc={"Method": "FA and fibre-ODF peak amplitude", "FAThreshold": t, "FODCutoff": c,
+                          "FODReference": {"Description": f"median peak ODF amplitude of the single-fibre voxels "
+                                                          f"(FA > {thr})", "Value": round(ref, 6), "Voxels": n_ref},
+                          "Rule": "tracking stops where FA < FAThreshold or the ODF's peak amplitude < FODCutoff x "
+                                  "FODReference (one map, min(FA / FAThreshold, amplitude / (FODCutoff x "
+                                  "FODReference)), interpolated trilinearly, stops below 1)",
+                          "Interpolation": "trilinear", "Mask": "brain mask"})
     if m in ("fa", "gfa"):
         if m == "gfa" and gfa is None:
             gfa = gfa_from_sh(sh)
@@ -175,12 +219,13 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
     _set_threads(nthreads)
     t0 = time.perf_counter()
     step = opts.step_size if opts.step_size is not None else 0.5 * float(voxel_sizes(affine).min())
-    stopping = stopping_maps(opts, mask=mask, fa=fa, gfa=maps.gfa, sh=maps.sh, tissue=maps.tissue)
+    stopping = stopping_maps(opts, mask=mask, fa=fa, gfa=maps.gfa, sh=maps.sh, tissue=maps.tissue,
+                             odf_model=maps.odf_model)
     seeds_mask, seed_desc = seed_region(opts, mask=mask, fa=fa, tissue=maps.tissue, affine=affine)
     per_voxel = opts.seeds_per_voxel if opts.n_seeds is None else None
     with flag_errors(device):
         params = opts.kernel_params(step_size=step, stop_method=stopping["method"])
-        run = TrackingRun(maps.sh, affine, basis="tournier07", legacy=False, frame="voxel", seeds=seeds_mask,
+        run = TrackingRun(maps.sh, affine, basis="tournier07", legacy=False, frame=maps.sh_frame, seeds=seeds_mask,
                           mask=mask, params=params, n_seeds=opts.n_seeds, seeds_per_voxel=per_voxel,
                           device=device, sphere=opts.sphere, odf_mode=opts.odf_mode,
                           memory_budget=memory_budget,

@@ -178,7 +178,7 @@ def test_principal_direction_matches_truth_for_oblique_anisotropic_las(tmp_path)
     for m in sim.bundle_masks.values():
         mask |= m
     dti = fit_dti(dwi, mask)
-    v1_world = dti.evecs[..., :, 0] @ voxel_frame(aff).T
+    v1_world = dti.v1 @ voxel_frame(aff).T
     # the straight left-right bundle CC: world direction ~ x
     cc_only = sim.bundle_masks["CC"] & (sum(m.astype(int) for m in sim.bundle_masks.values()) == 1)
     assert cc_only.sum() > 20

@@ -86,8 +86,8 @@ def oblique():
 
 
 def _maps(s, odf_model="csa", tissue=None, **kw):
-    return RunMaps(affine=s["affine"], mask=s["mask"], fa=s["fa"], sh=s["sh"], sh_order=6, odf_model=odf_model,
-                   tissue=tissue, dwi=s["sub"].dwi, gtab=s["gtab"], **kw)
+    return RunMaps(affine=s["affine"], mask=s["mask"], fa=s["fa"], sh=s["sh"], sh_frame="voxel", sh_order=6,
+                   odf_model=odf_model, tissue=tissue, dwi=s["sub"].dwi, gtab=s["gtab"], **kw)
 
 
 def _run(s, tmp_path, name="sub-01_track-prob_tractogram.trx", device="cpu", tissue=None, **kw):

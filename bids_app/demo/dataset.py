@@ -157,8 +157,8 @@ def _label(i: int, n: int) -> str:
 def _write_dataset(root: Path, n_subjects, size, seed, sessions, shells, n_directions, snr, t1w):
     root.mkdir(parents=True)
     gt = root / "sourcedata" / "groundtruth"
-    bvals, bvecs_voxel = make_gradients(shells, n_directions, seed=seed)
-    effect = _write_template(gt / "template", size)
+    bvals, bvecs_voxel = make_gradients(shells, n_directions, seed=seed, b0_every=15 if size == "hcp" else 8)
+    effect = _write_template(gt / "template", "full" if size == "hcp" else size)
     _write_top_level(root, n_subjects, seed, size, shells, n_directions, snr, sessions, effect)
     _write_groundtruth_top(gt, effect)
 

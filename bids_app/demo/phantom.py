@@ -1,6 +1,7 @@
 """The white-matter phantom in template space (RAS+ mm, origin at the brain centre).
 
-Geometry is defined for the ``small`` size and scaled uniformly for ``full``.  Each bundle is a
+Geometry is defined for the ``small`` size and scaled uniformly for ``full``; ``hcp`` is ``full``'s
+phantom on an HCP-sized grid (145x174x145 at 1.25 mm) for memory and time benchmarks.  Each bundle is a
 family of true fibre trajectories (about 1 mm apart across the bundle, a point every 0.5 mm);
 voxel occupancy and local directions are derived from these trajectories elsewhere
 (:mod:`bids_app.demo.simulate`), so crossings and fanning need no special cases.
@@ -29,7 +30,7 @@ FIBRE_SPACING = 1.0   # mm between neighbouring trajectories
 POINT_STEP = 0.5      # mm between points along a trajectory
 OCCUPANCY_RADIUS = 1.0  # mm: a point belongs to a bundle within this distance of a trajectory
 
-SIZES = ("small", "full")
+SIZES = ("small", "full", "hcp")
 
 # OBL_R: 60 degrees from the vertical CST_R, with components along all three axes (so a sign
 # error on any gradient axis changes its apparent direction).
@@ -79,10 +80,12 @@ def geometry(size: str = "small") -> Geometry:
         s = 1.0
         return Geometry("small", s, (40.0, 50.0, 30.0), 5.0, (0.0, -6.0, 0.0), (5.0, 10.0, 6.0),
                         (40, 48, 32), (2.5, 2.5, 2.5), 3)
-    if size == "full":
+    if size in ("full", "hcp"):
         s = 1.85
-        return Geometry("full", s, (40.0 * s, 50.0 * s, 30.0 * s), 5.0 * s, (0.0, -6.0 * s, 0.0),
-                        (5.0 * s, 10.0 * s, 6.0 * s), (90, 108, 90), (2.0, 2.0, 2.0), 2)
+        grid, zooms, sub = ((90, 108, 90), (2.0, 2.0, 2.0), 2) if size == "full" else \
+            ((145, 174, 145), (1.25, 1.25, 1.25), 1)
+        return Geometry(size, s, (40.0 * s, 50.0 * s, 30.0 * s), 5.0 * s, (0.0, -6.0 * s, 0.0),
+                        (5.0 * s, 10.0 * s, 6.0 * s), grid, zooms, sub)
     raise ValueError(f"size must be one of {SIZES}, got {size!r}")
 
 
@@ -199,7 +202,7 @@ def _design_small() -> dict[str, list[np.ndarray]]:
 
 @lru_cache(maxsize=4)
 def _trajectories_cached(size: str) -> tuple:
-    geom = geometry(size)
+    geom = geometry("full" if size == "hcp" else size)
     if geom.scale == 1.0:
         design = _design_small()
     else:

@@ -302,22 +302,33 @@ def true_fa(maps: PhantomMaps, patient: bool = False) -> np.ndarray:
 
 def synth_signal(maps: PhantomMaps, affine, bvals, bvecs_voxel, patient: bool = False):
     """Noise-free multi-tensor DWI (X,Y,Z,N) and S0 map."""
+    shape = maps.tissue["WM"].shape
+    sig = np.zeros(shape + (len(bvals),), dtype=np.float32)
+    for k, vol in synth_volumes(maps, affine, bvals, bvecs_voxel, patient):
+        sig[..., k] = vol
+    s0 = sum(w for w, *_ in _compartments(maps, patient))
+    return sig, s0
+
+
+def synth_volumes(maps: PhantomMaps, affine, bvals, bvecs_voxel, patient: bool = False):
+    """The noise-free volumes one at a time: ``(index, float32 (X,Y,Z))`` (large grids)."""
     g = np.asarray(bvecs_voxel, float) @ voxel_frame(affine).T      # world-frame gradients
     bvals = np.asarray(bvals, float)
     shape = maps.tissue["WM"].shape
-    sig = np.zeros(shape + (len(bvals),), dtype=np.float32)
-    s0 = np.zeros(shape)
+    comps = []
     for w, lpar, lperp, e in _compartments(maps, patient):
         m = w > 0
-        if not m.any():
-            continue
-        s0 += w
-        if e is None:
-            sig[m] += w[m][:, None] * np.exp(-bvals * lperp)[None]
-        else:
-            cos2 = (e[m] @ g.T) ** 2
-            sig[m] += w[m][:, None] * np.exp(-bvals[None] * (lperp + (lpar - lperp) * cos2))
-    return sig, s0
+        if m.any():
+            comps.append((m, w[m], lpar, lperp, None if e is None else e[m]))
+    for k in range(len(bvals)):
+        vol = np.zeros(shape, dtype=np.float32)
+        for m, w, lpar, lperp, e in comps:
+            if e is None:
+                vol[m] += w * np.exp(-bvals[k] * lperp)
+            else:
+                cos2 = (e @ g[k]) ** 2
+                vol[m] += w * np.exp(-bvals[k] * (lperp + (lpar - lperp) * cos2))
+        yield k, vol
 
 
 def add_rician(sig: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -343,7 +354,7 @@ def add_rician(sig: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nd
 class SubjectSim:
     """One simulated subject (everything in the subject's native grid / world RAS mm)."""
 
-    dwi: np.ndarray                 # float32 (X,Y,Z,N), Rician noise
+    dwi: np.ndarray                 # float32 (X,Y,Z,N), Rician noise (int16, rounded, for "hcp")
     affine: np.ndarray              # 4x4 voxel -> world RAS mm
     bvals: np.ndarray               # (N,)
     bvecs_voxel: np.ndarray         # (N,3) scaled-voxel-axis frame, unit for b>0
@@ -357,7 +368,7 @@ class SubjectSim:
     bundle_fractions: dict          # name -> float (X,Y,Z) occupancy fraction (partial volume)
     bundle_dirs: dict               # name -> float32 (X,Y,Z,3) unit fibre direction, world frame
     brain_mask: np.ndarray          # bool (X,Y,Z)
-    noise_free: np.ndarray          # float32 (X,Y,Z,N)
+    noise_free: np.ndarray | None   # float32 (X,Y,Z,N) (None for "hcp": not kept)
     t1w: np.ndarray                 # float32 (X,Y,Z) T1w-like contrast (WM bright)
     sigma: float                    # Rician noise sigma
     patient: bool
@@ -416,17 +427,23 @@ def simulate_subject(*, shape, affine, bvals, bvecs_voxel, seed: int = 0, deform
     shape = tuple(int(s) for s in shape[:3])
     warp = random_warp(seed, size, session) if deformation else Warp()
     maps = phantom_maps(shape, affine, warp, size)
-    clean, s0 = synth_signal(maps, affine, bvals, bvecs_voxel, patient)
     sigma = S0["WM"] / snr if (snr and np.isfinite(snr) and snr > 0) else 0.0
     rng = np.random.default_rng([int(seed), 13, int(session)])
-    noisy = add_rician(clean, sigma, rng) if sigma > 0 else clean.copy()
+    if size == "hcp":   # volume by volume into int16: the float32 image alone would be 4 GB
+        clean = None
+        noisy = np.empty(shape + (len(bvals),), dtype=np.int16)
+        for k, vol in synth_volumes(maps, affine, bvals, bvecs_voxel, patient):
+            noisy[..., k] = np.clip(np.rint(add_rician(vol, sigma, rng) if sigma > 0 else vol), 0, 32767)
+    else:
+        clean, _s0 = synth_signal(maps, affine, bvals, bvecs_voxel, patient)
+        noisy = add_rician(clean, sigma, rng) if sigma > 0 else clean.copy()
     t1 = (T1W["WM"] * maps.tissue["WM"] + T1W["GM"] * maps.tissue["GM"]
           + T1W["CSF"] * maps.tissue["CSF"])
     if sigma > 0:
         t1 = add_rician(t1, sigma / 2, rng)
     brain = (maps.tissue["WM"] + maps.tissue["GM"] + maps.tissue["CSF"]) >= 0.5
     return SubjectSim(
-        dwi=noisy.astype(np.float32, copy=False), affine=affine, bvals=bvals,
+        dwi=noisy if noisy.dtype == np.int16 else noisy.astype(np.float32, copy=False), affine=affine, bvals=bvals,
         bvecs_voxel=bvecs_voxel,
         bundle_masks=bundle_masks(maps, affine),
         tissue=maps.tissue, true_fa=true_fa(maps, patient).astype(np.float32),

@@ -19,6 +19,12 @@ def has_tractograms(output_dir: Path) -> bool:
     return any(any(Path(output_dir).glob(f"sub-*/**/dwi/*_tractogram.{fmt}")) for fmt in TRACTOGRAM_FORMATS)
 
 
+def segmentation_atlas_available(config: Config) -> bool:
+    """``--atlas`` given, or the demo dataset's own atlas present."""
+    from ..group.bundles.atlas import DEMO_ATLAS
+    return config.segmentation.atlas is not None or (Path(config.bids_dir) / DEMO_ATLAS).is_file()
+
+
 def _summarise_tbss(result):
     if not isinstance(result, dict):
         return
@@ -62,6 +68,10 @@ def _science(config: Config) -> None:
         _summarise_tbss(result)
         if config.segmentation.skip_segmentation:
             pass
+        elif not segmentation_atlas_available(config):
+            log.warning("bundle segmentation skipped: no atlas (pass --atlas PATH, a TRX whose groups are "
+                        "bundle labels in the group's common space; see the README's 'Bundle atlases'); "
+                        "the TBSS results stand")
         elif has_tractograms(out):
             seg = bundles.run_segmentation(bids_dir=config.bids_dir, output_dir=out, participants=participants,
                                            options=config.segmentation, executor=executor,

@@ -137,16 +137,44 @@ class RunData:
         self.inp, self.out, self.source = inp, out, source
         self.resources = resources
 
+    def load_dwi(self, mask):
+        """The DWI with the gradient table of its files, holding the voxels of ``mask`` (a boolean
+        grid or "auto", see :func:`bids_app.inputs.load_dwi`)."""
+        from ..inputs import load_dwi
+        from ..resources import remaining_budget
+        limit = remaining_budget(self.resources) if self.resources is not None else None
+        dwi = load_dwi(self.inp.dwi, self.inp.bval, self.inp.bvec, mask=mask, memory_limit=limit)
+        log.info("%s: %s, %d volumes, voxels %s mm, b-values %s; %d brain voxels held (%.0f MB)",
+                 self.inp.label, dwi.shape, dwi.n_volumes, "x".join(f"{z:g}" for z in dwi.zooms),
+                 sorted({int(b) for b in np.round(dwi.bvals, -1)}), int(dwi.mask.sum()), dwi.nbytes / 2**20)
+        return dwi
+
     @cached_property
     def dwi(self):
-        from ..inputs import load_dwi
-        from ..resources import memory_budget
-        limit = memory_budget(self.resources) if self.resources is not None else None
-        dwi = load_dwi(self.inp.dwi, self.inp.bval, self.inp.bvec, memory_limit=limit)
-        log.info("%s: %s, %d volumes, voxels %s mm, b-values %s", self.inp.label, dwi.data.shape[:3],
-                 dwi.data.shape[3], "x".join(f"{z:g}" for z in dwi.zooms),
-                 sorted({int(b) for b in np.round(dwi.bvals, -1)}))
+        """The DWI in the brain mask, with the gradient table the DTI stage chose (its check)."""
+        from ..gradcheck import voxel_transform
+        dwi = self.load_dwi(self.mask)
+        t = self.gradient_transform
+        if t is not None and not np.allclose(t, np.eye(3)):
+            m = voxel_transform(t, dwi.affine)
+            dwi = dwi.with_bvecs(dwi.bvecs @ m.T)
         return dwi
+
+    @cached_property
+    def gradient_transform(self) -> np.ndarray | None:
+        """The correction of the b-vectors applied by the DTI stage (file frame), or None."""
+        import json
+        try:
+            meta = json.loads(sidecar_path(self.out.tensor("fa")).read_text())
+        except (OSError, ValueError):
+            return None
+        check = meta.get("GradientCheck") or {}
+        t = check.get("AppliedTransform")
+        return None if t is None else np.asarray(t, dtype=float)
+
+    def release_dwi(self) -> None:
+        """Forget the DWI (the largest array of a run) once no stage of this process needs it."""
+        self.__dict__.pop("dwi", None)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -162,83 +190,137 @@ class RunData:
 
     @cached_property
     def odf(self):
-        """(SH coefficients, SH order, GFA or None)."""
+        """(SH coefficients in the world frame, SH order, GFA or None)."""
         import json
         sh = _load(self.out.sh).astype(np.float32)
-        order = json.loads(sidecar_path(self.out.sh).read_text())["OrientationEncoding"]["SphericalHarmonicDegree"]
+        enc = json.loads(sidecar_path(self.out.sh).read_text())["OrientationEncoding"]
+        if enc.get("Reference") != "xyz":
+            raise StaleOutput(f"{self.out.sh.name} is not in the world frame (Reference "
+                              f"{enc.get('Reference')!r}); rerun with --force")
         gfa = _load(self.out.gfa).astype(np.float32) if self.out.gfa.exists() else None
-        return sh, int(order), gfa
+        return sh, int(enc["SphericalHarmonicDegree"]), gfa
+
+
+class _Unexpected(TractoscaleError):
+    """A participant that failed on a bug (exit 1), reported after the others ran."""
+
+
+class StaleOutput(TractoscaleError):
+    """An output written by an older version that later stages cannot read."""
+
+
+def _warn_all(label: str, what: str, notes: list[str]) -> None:
+    for note in notes:
+        log.warning("%s: %s: %s", label, what, note)
 
 
 # --------------------------------------------------------------------------- stage work
 
-def write_dti(run: RunData, stage: Stage) -> None:
-    from ..inputs import compute_mask, load_mask
+def write_dti(run: RunData, stage: Stage, config: Config) -> None:
+    from ..gradcheck import IDENTITY, check_gradients, voxel_transform
+    from ..inputs import load_mask
     from ..models import TENSOR_ORDER, color_fa, fit_dti
+    from ..resources import memory_budget
 
     t0 = time.perf_counter()
-    dwi, inp, out = run.dwi, run.inp, run.out
-    mask = load_mask(inp.mask, dwi.data.shape, dwi.affine) if inp.mask else compute_mask(dwi)
-    mean_b0 = dwi.data[..., dwi.b0_mask].mean(axis=-1)
-    dti = fit_dti(dwi, mask)
+    inp, out = run.inp, run.out
+    if inp.mask:
+        img = nib.load(str(inp.dwi))
+        mask_arg = load_mask(inp.mask, img.shape, img.affine)
+    else:
+        mask_arg = "auto"
+    dwi = run.load_dwi(mask_arg)
+    mask = dwi.mask
+    dti = fit_dti(dwi, mask, memory_budget=memory_budget(config.resources), progress=config.execution.progress)
+    aff = dwi.affine
+    mode = stage.params["GradientCheck"]
+    extra: dict = {}
+    if mode != "off":
+        check = check_gradients(dti.v1, dti.fa, mask, aff, mode=mode)
+        (log.warning if check.suspicious else log.info)("%s: %s", inp.label, check.summary())
+        if check.applied != IDENTITY:
+            m = voxel_transform(check.applied_transform, aff)
+            dti = dti.transformed(m, aff)
+            dwi = dwi.with_bvecs(dwi.bvecs @ m.T)
+        extra["GradientCheck"] = check.sidecar()
+    _warn_all(inp.label, "DTI", dti.downgrades)
+    if dti.downgrades:
+        extra["Downgrades"] = dti.downgrades
     model = {"Description": "Diffusion tensor (dipy TensorModel)",
              "URL": "https://dipy.org", "Parameters": {"FitMethod": "WLS", "BValues": dti.bvalues}}
-    aff = dwi.affine
     for p, (desc, units) in DTI_DESCRIPTIONS.items():
-        extra = {"Description": desc, **({"Units": units} if units else {})}
-        save_nifti(getattr(dti, p), aff, out.tensor(p), sidecar=_sidecar(run.source, stage, Model=model, **extra))
+        fields = {"Description": desc, **({"Units": units} if units else {})}
+        save_nifti(getattr(dti, p), aff, out.tensor(p),
+                   sidecar=_sidecar(run.source, stage, Model=model, **fields, **extra))
     save_nifti(dti.tensor, aff, out.tensor("tensor"), sidecar=_sidecar(
         run.source, stage, Model=model, Units="mm^2/s",
-        OrientationEncoding={"Type": "tensor", "Reference": "ijk", "TensorRank": 2,
-                             "ComponentOrder": list(TENSOR_ORDER)}))
-    save_nifti(color_fa(dti.fa, dti.evecs, aff), aff, out.tensor("rgb"), sidecar=_sidecar(
+        OrientationEncoding={"Type": "tensor", "Reference": "xyz", "TensorRank": 2,
+                             "ComponentOrder": list(TENSOR_ORDER)}, **extra))
+    save_nifti(color_fa(dti.fa, dti.v1, aff), aff, out.tensor("rgb"), sidecar=_sidecar(
         run.source, stage, Model=model,
         Description="Colour-coded FA: |principal eigenvector| in world axes (R: left-right, G: anterior-"
-                    "posterior, B: inferior-superior) times FA"))
+                    "posterior, B: inferior-superior) times FA", **extra))
     save_nifti(mask.astype(np.uint8), aff, out.mask, dtype=np.uint8,
                sidecar=_sidecar(run.source, stage, Type="Brain", Description=stage.params["Mask"]))
-    save_nifti(mean_b0, aff, out.meanb0, sidecar=_sidecar(run.source, stage,
-                                                           Description="Mean of the b=0 volumes"))
-    run.mask, run.fa, run.md = mask, dti.fa, dti.md
+    save_nifti(dwi.mean_b0, aff, out.meanb0, sidecar=_sidecar(run.source, stage,
+                                                               Description="Mean of the b=0 volumes"))
+    run.dwi, run.mask, run.fa, run.md = dwi, mask, dti.fa, dti.md
+    run.gradient_transform = (check.applied_transform if mode != "off" else None)
     log.info("%s: DTI done in %.1f s (%d brain voxels, median FA %.2f)", inp.label,
              time.perf_counter() - t0, int(mask.sum()), float(np.median(dti.fa[mask])))
 
 
-def write_odf(run: RunData, stage: Stage, nthreads: int | None) -> None:
+def write_odf(run: RunData, stage: Stage, config: Config) -> None:
+    from kernels.device import select_device
+
+    from ..config import flag_errors
+    from ..gradcheck import IDENTITY, candidates
     from ..models import SH_BASIS_BIDS, fit_odf
+    from ..resources import memory_budget
 
     t0 = time.perf_counter()
     model, out = stage.params["Model"], run.out
-    odf = fit_odf(run.dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, nthreads=nthreads)
-    enc = {"Type": "sh", "Reference": "ijk", "SphericalHarmonicBasis": SH_BASIS_BIDS,
+    with flag_errors(config.resources.device):
+        device = select_device(config.resources.device)
+    odf = fit_odf(run.dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, md=run.md,
+                  nthreads=config.resources.nthreads, memory_budget=memory_budget(config.resources),
+                  device=device, progress=config.execution.progress)
+    _warn_all(run.inp.label, model.upper(), odf.downgrades)
+    enc = {"Type": "sh", "Reference": "xyz", "SphericalHarmonicBasis": SH_BASIS_BIDS,
            "SphericalHarmonicDegree": odf.sh_order}
-    desc = {"csa": "Constant solid angle q-ball ODF (dipy CsaOdfModel)",
-            "opdt": "Orientation probability density transform (dipy OpdtModel)",
-            "csd": "Constrained spherical deconvolution fibre ODF (dipy, single-shell single-tissue)"}[model]
-    meta = {"Description": desc, "URL": "https://dipy.org", "Parameters": odf.parameters}
+    meta = {"Description": odf.description, "URL": "https://dipy.org", "Parameters": odf.parameters}
+    t = run.gradient_transform
+    table = IDENTITY if t is None else next((k for k, m in candidates() if np.allclose(m, t)), "custom")
+    extra = {"GradientTable": "as given" if table == IDENTITY else f"corrected by the gradient check: {table}"}
+    if odf.downgrades:
+        extra["Downgrades"] = odf.downgrades
     save_nifti(odf.sh, run.dwi.affine, out.sh, sidecar=_sidecar(run.source, stage, Model=meta,
-                                                                 OrientationEncoding=enc))
+                                                                 OrientationEncoding=enc, **extra))
     if odf.gfa is not None:
         save_nifti(odf.gfa, run.dwi.affine, out.gfa, sidecar=_sidecar(
-            run.source, stage, Model=meta, Description="Generalised fractional anisotropy"))
+            run.source, stage, Model=meta, Description="Generalised fractional anisotropy", **extra))
     run.odf = (odf.sh, odf.sh_order, odf.gfa)
     log.info("%s: %s fit done in %.1f s (order %d)", run.inp.label, model.upper(), time.perf_counter() - t0,
              odf.sh_order)
 
 
 def write_tractogram(run: RunData, stage: Stage, config: Config, tissue_files: dict | None) -> None:
-    from ..resources import memory_budget
+    from ..resources import remaining_budget
     from ..tracking import RunMaps, track_run
 
     opts = config.tracking
     sh, sh_order, gfa = run.odf
-    needs_dwi = opts.algorithm == "boot"
-    maps = RunMaps(affine=nib.load(str(run.out.mask)).affine, mask=run.mask, fa=run.fa, sh=sh,
+    dwi = gtab = None
+    if opts.algorithm == "boot":   # the residual bootstrap resamples the ODF fit's shell
+        from ..models import shell_selection, shells
+        sel = shell_selection(run.dwi.bvals, shells(run.dwi.bvals)[:1])
+        dwi, gtab = run.dwi.grid(run.dwi.signal[:, sel]), run.dwi.gtab(sel)
+    run.release_dwi()              # tracking never needs the whole DWI
+    maps = RunMaps(affine=nib.load(str(run.out.mask)).affine, mask=run.mask, fa=run.fa, sh=sh, sh_frame="world",
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
-                   tissue=_tissue_maps(run, tissue_files) if _needs_tissue(opts) else None,
-                   dwi=run.dwi.data if needs_dwi else None, gtab=run.dwi.gtab() if needs_dwi else None)
+                   tissue=_tissue_maps(run, tissue_files) if _needs_tissue(opts) else None, dwi=dwi, gtab=gtab)
     stats = track_run(opts, maps, run.out.tractogram, device=config.resources.device,
-                      memory_budget=memory_budget(config.resources), nthreads=config.resources.nthreads,
+                      memory_budget=remaining_budget(config.resources), nthreads=config.resources.nthreads,
                       progress=config.execution.progress, sidecar=_sidecar(run.source, stage))
     log.info("%s: %d streamlines from %d seeds in %.1f s on %s", run.inp.label, stats["n_streamlines"],
              stats["n_seeds"], stats["seconds"], stats["device"])
@@ -281,12 +363,14 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
     raw = (inp.dwi, inp.bval, inp.bvec)
     mask_desc = f"provided: {inp.mask.name}" if inp.mask else "computed: dipy median_otsu on the mean b=0"
     dti = Stage(f"{label}_dti", outputs=_with_sidecars(out.dti_files()), record_dir=out.records,
-                params={"Stage": "dti", "FitMethod": "WLS", "Mask": mask_desc},
+                params={"Stage": "dti", "FitMethod": "WLS", "Mask": mask_desc, "Frame": "xyz",
+                        "GradientCheck": config.models.gradient_check},
                 files=raw + ((inp.mask,) if inp.mask else ()))
     odf = Stage(f"{label}_odf-{model}", outputs=_with_sidecars(out.odf_files()), record_dir=out.records,
-                params={"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order},
+                params={"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order, "Frame": "xyz",
+                        "MultiShell": "msmt" if model == "csd" else "lowest shell"},
                 files=raw, upstream=(dti,))
-    steps = [(dti, partial(write_dti, run)), (odf, partial(write_odf, run, nthreads=config.resources.nthreads))]
+    steps = [(dti, partial(write_dti, run, config=config)), (odf, partial(write_odf, run, config=config))]
     qc_inputs = [dti]
     if opts.enabled:
         extra = [opts.seed_mask] if opts.seed_mask else []
@@ -484,6 +568,12 @@ def run_participant_level(config: Config) -> int:
                 results[inp.label] = _run_logged(inp, config, work)
             except TractoscaleError as exc:
                 failures.append((inp.label, exc))
+                results[inp.label] = "failed"
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:   # a bug: its traceback is in the run's log, the others still run
+                failures.append((inp.label, _Unexpected(f"unexpected error {type(exc).__name__}: {exc} "
+                                                        f"(traceback in the run's log under logs/)")))
                 results[inp.label] = "failed"
     done = sum(v == "done" for v in results.values())
     skipped = sum(v == "skipped" for v in results.values())
