@@ -31,15 +31,15 @@ def _blocks(n: int) -> int:
     return max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
 
 
-def launch(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, out,
-           out_n) -> None:
+def launch(seeds, first_index, vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata,
+           bootm, out, out_n) -> None:
     """Launch on device arrays (or host arrays; numba copies them)."""
     with warnings.catch_warnings():
         # the simulator runs the kernel on numpy scalars, whose uint64 hash arithmetic wraps
         # around on purpose
         warnings.simplefilter("ignore", RuntimeWarning)
         track_kernel[_blocks(seeds.shape[0]), THREADS_PER_BLOCK](
-            seeds, np.int64(first_index), odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+            seeds, np.int64(first_index), vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
             out, out_n)
         cuda.synchronize()
 
@@ -55,8 +55,8 @@ def free_memory() -> int:
 def upload(data) -> tuple:
     """Copy the read-only arrays to the GPU once per run."""
     return tuple(cuda.to_device(np.ascontiguousarray(a)) for a in (
-        data.odf, data.bmat, data.verts, data.nbrs, data.stop, data.affine, data.fp, data.ip,
-        data.bdata, data.bootm))
+        *data.odf_arrays, data.bmat, data.verts, data.nbrs, data.stop, data.affine, data.fp,
+        data.ip, data.bdata, data.bootm))
 
 
 def run_chunk(dev_arrays, seeds_vox, first_index, n_slots, max_pts, min_pts):

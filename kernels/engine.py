@@ -47,7 +47,10 @@ class BootstrapData:
 class TrackingData:
     """Everything a kernel reads, as contiguous arrays, and the settings they were made with."""
 
-    odf: np.ndarray          # (X, Y, Z, V) float32 sampled ODF, or (X, Y, Z, K) SH coefficients
+    odf_index: np.ndarray    # (X, Y, Z) int32: each voxel's row in the ODF table, 0 = no ODF
+    odf_sf: np.ndarray       # (R, Vp) int16 ODF sampled on the sphere, one row per voxel (sf mode)
+    odf_sh: np.ndarray       # (R, K) float32 SH coefficients, one row per voxel (sh mode)
+    odf_scale: np.ndarray    # (R,) float32 value of one unit of each odf_sf row (1 in sh mode)
     odf_mode: str            # "sf" or "sh"
     bmat: np.ndarray         # (V, K) float32 SH -> sphere matrix
     verts: np.ndarray        # (V, 3) float64 hemisphere, scaled-voxel-axis frame
@@ -63,6 +66,15 @@ class TrackingData:
     @property
     def n_directions(self) -> int:
         return int(self.verts.shape[0])
+
+    @property
+    def odf_arrays(self) -> tuple:
+        """The ODF table as the kernels take it: (index, sf, sh, scale)."""
+        return self.odf_index, self.odf_sf, self.odf_sh, self.odf_scale
+
+    @property
+    def odf_nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.odf_arrays))
 
     @property
     def bdata(self) -> np.ndarray:
@@ -168,17 +180,77 @@ def bootstrap_arrays(signal: np.ndarray, s0: np.ndarray, bvecs: np.ndarray, sh_o
     return BootstrapData(bdata=bdata, bootm=bootm, n_volumes=nd, model=model)
 
 
-def sf_bytes(shape3, nverts: int) -> int:
-    return int(np.prod(shape3)) * nverts * 4
+SF_ROW_ALIGN = 16   # int16 values: rows of the sampled-ODF table start on 32-byte sectors
 
 
-def choose_odf_mode(requested: str, shape3, nverts: int, budget_bytes: int | None = None) -> str:
+def sf_row_length(nverts: int) -> int:
+    return -(-int(nverts) // SF_ROW_ALIGN) * SF_ROW_ALIGN
+
+
+def sf_bytes(n_rows: int, nverts: int) -> int:
+    """Bytes of the sampled-ODF table for ``n_rows`` voxels (int16 values + a float32 scale)."""
+    return int(n_rows + 1) * (sf_row_length(nverts) * 2 + 4)
+
+
+def choose_odf_mode(requested: str, n_rows: int, nverts: int, budget_bytes: int | None = None) -> str:
     """``sf`` (pre-sampled, fastest) when it fits in the budget, else ``sh`` (on the fly)."""
     if requested in ("sf", "sh"):
         return requested
     if budget_bytes is None:
         budget_bytes = min(available_memory() // 4, 8 << 30)
-    return "sf" if sf_bytes(shape3, nverts) <= budget_bytes else "sh"
+    return "sf" if sf_bytes(n_rows, nverts) <= budget_bytes else "sh"
+
+
+def odf_rows(sh: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(X, Y, Z) int32: row 1, 2, ... of the ODF table for each voxel with an ODF (inside the mask
+    and with a coefficient != 0), in C order; 0 elsewhere (row 0 of every table is zero)."""
+    index = np.zeros(sh.shape[:3], dtype=np.int32)
+    n = 0
+    for x in range(sh.shape[0]):       # one slab at a time: no full-size temporary
+        has = np.any(np.asarray(sh[x]) != 0, axis=-1)
+        if mask is not None:
+            has &= mask[x]
+        k = int(has.sum())
+        index[x][has] = np.arange(n + 1, n + k + 1, dtype=np.int32)
+        n += k
+    return index
+
+
+def odf_table(sh: np.ndarray, index: np.ndarray, bmat: np.ndarray, mode: str):
+    """The ODF table of the voxels listed in ``index`` and each voxel's ODF maximum.
+
+    ``sf``: the ODF sampled on the sphere's vertices, stored as int16 with one float32 scale per
+    row (the row's largest magnitude maps to 32767): 2 bytes a value, relative precision 3e-5 of
+    the voxel's own maximum.  ``sh``: the float32 coefficients.  Returns (sf, sh, scale, odfmax).
+    """
+    n = int(index.max(initial=0))
+    nverts, ncoef = bmat.shape
+    odfmax = np.zeros(index.shape, dtype=np.float32)
+    scale = np.ones(n + 1, dtype=np.float32)
+    scale[0] = 0.0
+    if mode == "sf":
+        sf = np.zeros((n + 1, sf_row_length(nverts)), dtype=np.int16)
+        shc = np.zeros((1, 1), dtype=np.float32)
+    else:
+        sf = np.zeros((1, 1), dtype=np.int16)
+        shc = np.zeros((n + 1, ncoef), dtype=np.float32)
+    for x in range(index.shape[0]):
+        rows = index[x][index[x] > 0]
+        if len(rows) == 0:
+            continue
+        coef = np.asarray(sh[x], dtype=np.float32)[index[x] > 0]
+        vals = coef @ bmat.T
+        odfmax[x][index[x] > 0] = np.clip(vals.max(axis=1), 0, None)
+        if mode == "sh":
+            shc[rows] = coef
+            continue
+        peak = np.abs(vals).max(axis=1).astype(np.float64)
+        s = (peak / 32767.0).astype(np.float32)
+        s[s == 0] = 1.0
+        q = np.rint(vals / s[:, None].astype(np.float64))
+        sf[rows, :nverts] = np.clip(q, -32767, 32767).astype(np.int16)
+        scale[rows] = s
+    return sf, shc, scale, odfmax
 
 
 def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
@@ -190,8 +262,10 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
 
     Threshold stopping uses ``stop_map`` (> ``params.stop_threshold`` keeps tracking; pass a 0/1
     mask with threshold 0.5 for mask stopping).  ACT/CMC use ``include_map`` / ``exclude_map``.
-    ``memory_budget`` (bytes) decides whether the ODF is pre-sampled on the sphere (``odf_mode``
-    auto).  The residual bootstrap (``params.algorithm == "boot"``) needs ``bootstrap``.
+    The ODF is kept only for voxels inside ``mask`` (default: every voxel with an ODF), in a table
+    of one row per voxel; ``memory_budget`` (bytes) decides whether it is pre-sampled on the
+    sphere (``odf_mode`` auto).  The residual bootstrap (``params.algorithm == "boot"``) needs
+    ``bootstrap``.
     """
     sh = np.asarray(sh)
     if sh.ndim != 4:
@@ -201,21 +275,10 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
     ncoef = sh.shape[3]
     order = sh_order_from_ncoef(ncoef)
     bmat = sh_to_sf_matrix(verts, order)
-    mode = choose_odf_mode(odf_mode, sh.shape[:3], len(verts), memory_budget)
     keep = None if mask is None else np.asarray(mask, dtype=bool)
-    odfmax = np.zeros(sh.shape[:3], dtype=np.float32)
-    odf = np.zeros(sh.shape[:3] + (len(verts),), dtype=np.float32) if mode == "sf" else None
-    for z in range(sh.shape[2]):
-        sl = np.asarray(sh[:, :, z, :], dtype=np.float32) @ bmat.T
-        if keep is not None:
-            sl[~keep[:, :, z]] = 0
-        odfmax[:, :, z] = np.clip(sl.max(axis=-1), 0, None)
-        if odf is not None:
-            odf[:, :, z, :] = sl
-    if mode == "sh":
-        odf = np.ascontiguousarray(sh, dtype=np.float32)
-        if keep is not None:
-            odf = odf * keep[..., None]
+    index = odf_rows(sh, keep)
+    mode = choose_odf_mode(odf_mode, int(index.max(initial=0)), len(verts), memory_budget)
+    sf, shc, scale, odfmax = odf_table(sh, index, bmat, mode)
     if params.stop_method == "threshold":
         if stop_map is None:
             raise ValueError("threshold stopping needs stop_map")
@@ -237,7 +300,7 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
                          n_sh_coef=ncoef, nbr_degree=nbrs.shape[1], odf_mode=mode,
                          max_channel=stop.shape[3] - 1,
                          bootstrap=bootstrap if params.algorithm == "boot" else None)
-    return TrackingData(odf=np.ascontiguousarray(odf), odf_mode=mode,
+    return TrackingData(odf_index=index, odf_sf=sf, odf_sh=shc, odf_scale=scale, odf_mode=mode,
                         bmat=np.ascontiguousarray(bmat), verts=verts, nbrs=table,
                         stop=np.ascontiguousarray(stop), affine=affine, fp=fp, ip=ip,
                         params=params, sh_order=order,
@@ -332,7 +395,7 @@ class Tracker:
         import numba
         # small prange chunks balance threads: neighbouring seeds have similar, correlated costs
         with numba.parallel_chunksize(32):
-            cpu.track_chunk(seeds_vox, np.int64(first_index), d.odf, d.bmat, d.verts, d.nbrs,
+            cpu.track_chunk(seeds_vox, np.int64(first_index), *d.odf_arrays, d.bmat, d.verts, d.nbrs,
                             d.stop, d.affine, d.fp, d.ip, d.bdata, d.bootm, out, out_n)
         return pack(out, out_n, min_pts)
 

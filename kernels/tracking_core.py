@@ -19,6 +19,13 @@ Parameters reach the kernels as two small vectors, ``fp`` (float64) and ``ip`` (
 :func:`kernels.engine.pack_params` and read here through the named slots below (``fp[F_STEP_SIZE]``);
 both sides use the same names, so no slot number is written anywhere else.
 
+The ODF is a table with one row per voxel that has one (the mask): ``vidx`` (X, Y, Z) int32 gives
+each voxel's row, 0 for none (row 0 of every table is zero).  With ``ODF_SF`` the rows of ``sf``
+(R, Vp) int16 hold the ODF sampled on the hemisphere's vertices, ``oscale[r]`` being the value of
+one unit of row r (so the trilinear weights absorb the scales); with ``ODF_SH`` the rows of ``shc``
+(R, K) float32 hold SH coefficients (scales 1).  The vertices follow a Hilbert curve over the
+sphere (:func:`kernels.sphere.locality_order`), so one cone's vertices share few memory sectors.
+
 ``nbrs`` (V, D + C): columns 0..D-1 (D = ``ip[I_NBR_DEGREE]``) list each vertex's sphere neighbours, columns D..
 list the vertices that can lie inside the max-angle cone of any direction whose nearest vertex is
 this one (the cone plus the sphere's covering radius); both padded with -1.
@@ -71,7 +78,7 @@ I_STOP_METHOD = 2             # STOP_*
 I_MAX_POINTS = 3              # points per streamline (both halves and the seed)
 I_MAX_CROSS = 4               # streamlines (ODF peaks) per seed
 I_N_VERTS = 5                 # sphere (hemisphere) vertices
-I_N_ODF_COEF = 6              # SH coefficients in ``odf`` (ODF_SH), 0 with ODF_SF
+I_N_ODF_COEF = 6              # SH coefficients in ``shc`` (ODF_SH), 0 with ODF_SF
 I_NBR_DEGREE = 7              # neighbour columns of ``nbrs`` (the cone candidates follow)
 I_RNG_SEED = 8                # run seed of the counter-based generator
 I_PTT_PROBE_POINTS = 9
@@ -168,80 +175,82 @@ def interp_at(vol, c, i0, j0, k0, i1, j1, k1, fx, fy, fz):
     return a * gz + b * fz
 
 
-def eval_pmf(odf, bmat, mode, nverts, ncoef, x, y, z, coef, pmf):
-    """ODF at (x, y, z) on the sphere into ``pmf`` (negatives zeroed); returns its max, -1 outside."""
-    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+def cell_rows(vidx, scale, x, y, z):
+    """The trilinear cell of (x, y, z) in the ODF table: the table rows of its 8 corners
+    (``vidx`` of each corner voxel) and their weights (trilinear weight times the row's scale)."""
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, vidx.shape[0], vidx.shape[1], vidx.shape[2])
     if not ok:
-        return -1.0
+        return False, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    r0 = vidx[i0, j0, k0]
+    r1 = vidx[i1, j0, k0]
+    r2 = vidx[i0, j1, k0]
+    r3 = vidx[i1, j1, k0]
+    r4 = vidx[i0, j0, k1]
+    r5 = vidx[i1, j0, k1]
+    r6 = vidx[i0, j1, k1]
+    r7 = vidx[i1, j1, k1]
     gx = 1.0 - fx
     gy = 1.0 - fy
     gz = 1.0 - fz
-    w000 = gx * gy * gz
-    w100 = fx * gy * gz
-    w010 = gx * fy * gz
-    w110 = fx * fy * gz
-    w001 = gx * gy * fz
-    w101 = fx * gy * fz
-    w011 = gx * fy * fz
-    w111 = fx * fy * fz
+    return (True, r0, r1, r2, r3, r4, r5, r6, r7,
+            gx * gy * gz * scale[r0], fx * gy * gz * scale[r1],
+            gx * fy * gz * scale[r2], fx * fy * gz * scale[r3],
+            gx * gy * fz * scale[r4], fx * gy * fz * scale[r5],
+            gx * fy * fz * scale[r6], fx * fy * fz * scale[r7])
+
+
+def table_at(tab, c, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7):
+    """Column c of the ODF table interpolated at a cell (see :func:`cell_rows`)."""
+    return (w0 * tab[r0, c] + w1 * tab[r1, c] + w2 * tab[r2, c] + w3 * tab[r3, c]
+            + w4 * tab[r4, c] + w5 * tab[r5, c] + w6 * tab[r6, c] + w7 * tab[r7, c])
+
+
+def eval_pmf(vidx, sf, shc, oscale, bmat, mode, nverts, ncoef, x, y, z, coef, pmf):
+    """ODF at (x, y, z) on the sphere into ``pmf`` (negatives zeroed); returns its max, -1 outside."""
+    ok, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7 = cell_rows(vidx, oscale, x, y, z)
+    if not ok:
+        return -1.0
     mx = 0.0
-    n = nverts if mode == ODF_SF else ncoef
-    for c in range(n):
-        s = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
-             + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
-             + w001 * odf[i0, j0, k1, c] + w101 * odf[i1, j0, k1, c]
-             + w011 * odf[i0, j1, k1, c] + w111 * odf[i1, j1, k1, c])
-        if mode == ODF_SF:
-            if s < 0.0:
-                s = 0.0
-            pmf[c] = s
-            if s > mx:
-                mx = s
-        else:
-            coef[c] = s
-    if mode != ODF_SF:
+    if mode == ODF_SF:
         for v in range(nverts):
-            s = 0.0
-            for c in range(ncoef):
-                s += bmat[v, c] * coef[c]
+            s = table_at(sf, v, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
             if s < 0.0:
                 s = 0.0
             pmf[v] = s
             if s > mx:
                 mx = s
+        return mx
+    for c in range(ncoef):
+        coef[c] = table_at(shc, c, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
+    for v in range(nverts):
+        s = 0.0
+        for c in range(ncoef):
+            s += bmat[v, c] * coef[c]
+        if s < 0.0:
+            s = 0.0
+        pmf[v] = s
+        if s > mx:
+            mx = s
     return mx
 
 
 # ----------------------------------------------------------------------------- direction getters
-def prob_cone(odf, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg, u_vert,
-              dx, dy, dz, cos_max, pmf_thr, u, coef, pmf):
+def prob_cone(vidx, sf, shc, oscale, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg,
+              u_vert, dx, dy, dz, cos_max, pmf_thr, u, coef, pmf):
     """Probabilistic direction using only the vertices listed in the cone table of ``u_vert``
     (the vertex nearest the previous direction).  The PMF threshold is relative to the ODF
     maximum interpolated from the per-voxel maximum map (channel ``maxch`` of ``stop``)."""
-    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, stop.shape[0], stop.shape[1], stop.shape[2])
     if not ok:
         return False, 0.0, 0.0, 0.0
     mx = interp_at(stop, maxch, i0, j0, k0, i1, j1, k1, fx, fy, fz)
     if mx <= 0.0:
         return False, 0.0, 0.0, 0.0
     thr = pmf_thr * mx
-    gx = 1.0 - fx
-    gy = 1.0 - fy
-    gz = 1.0 - fz
-    w000 = gx * gy * gz
-    w100 = fx * gy * gz
-    w010 = gx * fy * gz
-    w110 = fx * fy * gz
-    w001 = gx * gy * fz
-    w101 = fx * gy * fz
-    w011 = gx * fy * fz
-    w111 = fx * fy * fz
+    ok, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7 = cell_rows(vidx, oscale, x, y, z)
     if mode != ODF_SF:
         for c in range(ncoef):
-            coef[c] = (w000 * odf[i0, j0, k0, c] + w100 * odf[i1, j0, k0, c]
-                       + w010 * odf[i0, j1, k0, c] + w110 * odf[i1, j1, k0, c]
-                       + w001 * odf[i0, j0, k1, c] + w101 * odf[i1, j0, k1, c]
-                       + w011 * odf[i0, j1, k1, c] + w111 * odf[i1, j1, k1, c])
+            coef[c] = table_at(shc, c, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
     total = 0.0
     last = -1
     width = nbrs.shape[1]
@@ -255,10 +264,7 @@ def prob_cone(odf, bmat, mode, ncoef, stop, maxch, x, y, z, verts, nbrs, maxdeg,
             c = -c
         if c >= cos_max:
             if mode == ODF_SF:
-                p = (w000 * odf[i0, j0, k0, w] + w100 * odf[i1, j0, k0, w]
-                     + w010 * odf[i0, j1, k0, w] + w110 * odf[i1, j1, k0, w]
-                     + w001 * odf[i0, j0, k1, w] + w101 * odf[i1, j0, k1, w]
-                     + w011 * odf[i0, j1, k1, w] + w111 * odf[i1, j1, k1, w])
+                p = table_at(sf, w, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
             else:
                 p = 0.0
                 for cc in range(ncoef):
@@ -361,16 +367,16 @@ def seed_peaks(pmf, nverts, verts, nbrs, maxdeg, rel_thr, cos_sep, mx, max_peaks
     return n
 
 
-def odf_value(odf, bmat, mode, ncoef, x, y, z, v):
+def odf_value(vidx, sf, shc, oscale, bmat, mode, ncoef, x, y, z, v):
     """ODF amplitude at (x, y, z) on sphere vertex v; -1 outside the image."""
-    ok, i0, j0, k0, i1, j1, k1, fx, fy, fz = cell(x, y, z, odf.shape[0], odf.shape[1], odf.shape[2])
+    ok, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7 = cell_rows(vidx, oscale, x, y, z)
     if not ok:
         return -1.0
     if mode == ODF_SF:
-        return interp_at(odf, v, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+        return table_at(sf, v, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
     s = 0.0
     for c in range(ncoef):
-        s += bmat[v, c] * interp_at(odf, c, i0, j0, k0, i1, j1, k1, fx, fy, fz)
+        s += bmat[v, c] * table_at(shc, c, r0, r1, r2, r3, r4, r5, r6, r7, w0, w1, w2, w3, w4, w5, w6, w7)
     return s
 
 
@@ -472,7 +478,7 @@ def frame_advance(l, k1, k2, work):
         work[o + 2] = a * n2z + b * bz
 
 
-def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, mx):
+def ptt_step(x, y, z, v, vidx, sf, shc, oscale, bmat, verts, nbrs, fp, ip, key, stream, s, work, mx):
     """Parallel transport tractography: draw a curvature on the disc, probe the arc ahead for
     ODF support, accept by rejection sampling; move one step along the accepted arc.
 
@@ -496,7 +502,7 @@ def ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key, stream, s, work, m
             l = probe * q / nq
             ox, oy, oz, tx, ty, tz = arc_point(l, k1, k2, work)
             vv = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], vv, tx, ty, tz)
-            val = odf_value(odf, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], x + ox / fp[F_VOXEL_X], y + oy / fp[F_VOXEL_Y], z + oz / fp[F_VOXEL_Z], vv)
+            val = odf_value(vidx, sf, shc, oscale, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], x + ox / fp[F_VOXEL_X], y + oy / fp[F_VOXEL_Y], z + oz / fp[F_VOXEL_Z], vv)
             if val < floor or val <= 0.0:
                 good = False
                 break
@@ -621,7 +627,8 @@ def write_world(out, slot, n, aff, x, y, z):
 
 
 def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
-               odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef, work):
+               vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf,
+               coef, work):
     """Follow one direction from (x, y, z), appending up to ``budget`` world points to out[slot].
 
     Returns (number of points now in out[slot], end state).
@@ -656,14 +663,14 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
             if mx <= 0.0:
                 status = NODIR
                 break
-            ok, x, y, z, v = ptt_step(x, y, z, v, odf, bmat, verts, nbrs, fp, ip, key,
+            ok, x, y, z, v = ptt_step(x, y, z, v, vidx, sf, shc, oscale, bmat, verts, nbrs, fp, ip, key,
                                       stream + 64, s, work, mx)
             if not ok:
                 status = NODIR
                 break
         else:
             if algo == ALGO_DET:
-                mx = eval_pmf(odf, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], x, y, z, coef, pmf)
+                mx = eval_pmf(vidx, sf, shc, oscale, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], x, y, z, coef, pmf)
                 if mx <= 0.0:
                     status = NODIR
                     break
@@ -672,7 +679,7 @@ def track_half(x, y, z, dx, dy, dz, n, budget, out, slot, key, stream,
             else:
                 v = nearest_vertex(verts, nbrs, ip[I_NBR_DEGREE], v, dx, dy, dz)
                 u = uniform(key, stream, 4 * s)
-                ok, ndx, ndy, ndz = prob_cone(odf, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], stop, ip[I_MAX_CHANNEL], x, y, z,
+                ok, ndx, ndy, ndz = prob_cone(vidx, sf, shc, oscale, bmat, ip[I_ODF_MODE], ip[I_N_ODF_COEF], stop, ip[I_MAX_CHANNEL], x, y, z,
                                               verts, nbrs, ip[I_NBR_DEGREE], v, dx, dy, dz, fp[F_COS_MAX_ANGLE], fp[F_PMF_THRESHOLD], u,
                                               coef, pmf)
             if not ok:
@@ -707,7 +714,7 @@ def end_ok(method, status):
     return status == END or status == OUTSIDE
 
 
-def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+def track_seed(i, seed_index, sx, sy, sz, vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
                out, out_n, pmf, coef, peaks, work):
     """All streamlines of one seed (one per ODF peak, up to ip[I_MAX_CROSS]) into slots i*ip[I_MAX_CROSS] + k."""
     max_cross = ip[I_MAX_CROSS]
@@ -717,7 +724,7 @@ def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp,
     key = stream_key(ip[I_RNG_SEED], seed_index)
     if stop_status(stop, ip[I_STOP_METHOD], fp[F_STOP_THRESHOLD], fp[F_CMC_SCALE], sx, sy, sz, key, SEEDCHECK_STREAM, 0) != TRACK:
         return
-    mx = eval_pmf(odf, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], sx, sy, sz, coef, pmf)
+    mx = eval_pmf(vidx, sf, shc, oscale, bmat, ip[I_ODF_MODE], ip[I_N_VERTS], ip[I_N_ODF_COEF], sx, sy, sz, coef, pmf)
     if mx <= 0.0:
         return
     npk = seed_peaks(pmf, ip[I_N_VERTS], verts, nbrs, ip[I_NBR_DEGREE], fp[F_REL_PEAK_THRESHOLD], fp[F_COS_MIN_SEPARATION], mx, max_cross, peaks)
@@ -729,7 +736,8 @@ def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp,
         pz = verts[v, 2]
         write_world(out, slot, 0, aff, sx, sy, sz)
         n, st_b = track_half(sx, sy, sz, -px, -py, -pz, 1, max_pts - 1, out, slot, key, 2 * k,
-                             odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef,
+                             vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata,
+                             bootm, pmf, coef,
                              work)
         for j in range(n // 2):
             t = n - 1 - j
@@ -738,7 +746,8 @@ def track_seed(i, seed_index, sx, sy, sz, odf, bmat, verts, nbrs, stop, aff, fp,
                 out[slot, j, c] = out[slot, t, c]
                 out[slot, t, c] = tmp
         n, st_f = track_half(sx, sy, sz, px, py, pz, n, max_pts - n, out, slot, key, 2 * k + 1,
-                             odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm, pmf, coef,
+                             vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip, bdata,
+                             bootm, pmf, coef,
                              work)
         if not (end_ok(ip[I_STOP_METHOD], st_b) and end_ok(ip[I_STOP_METHOD], st_f)):
             n = 0
@@ -779,7 +788,8 @@ def place_seed(i, first_index, vox, per_voxel, run_seed, out):
 # Each driver hands one item to a device function above: a prange loop on the CPU, one thread per
 # item on CUDA.  Scratch arrays: sized to need on the CPU, compile-time maxima on CUDA.
 
-def track_chunk_cpu(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+def track_chunk_cpu(seeds, first_index, vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip,
+                    bdata, bootm,
                     out, out_n):
     nv = ip[I_N_VERTS]
     nc = max(max(ip[I_N_ODF_COEF], ip[I_N_SH_COEF]), 1)
@@ -790,11 +800,13 @@ def track_chunk_cpu(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, i
         coef = np.empty(nc, np.float64)
         peaks = np.empty(mc, np.int32)
         work = np.empty(nw, np.float64)
-        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], odf, bmat, verts,
+        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], vidx, sf, shc,
+                   oscale, bmat, verts,
                    nbrs, stop, aff, fp, ip, bdata, bootm, out, out_n, pmf, coef, peaks, work)
 
 
-def track_chunk_cuda(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, ip, bdata, bootm,
+def track_chunk_cuda(seeds, first_index, vidx, sf, shc, oscale, bmat, verts, nbrs, stop, aff, fp, ip,
+                    bdata, bootm,
                      out, out_n):
     i = cuda.grid(1)
     if i < seeds.shape[0]:
@@ -802,7 +814,8 @@ def track_chunk_cuda(seeds, first_index, odf, bmat, verts, nbrs, stop, aff, fp, 
         coef = cuda.local.array(CUDA_MAX_COEFS, np.float64)
         peaks = cuda.local.array(CUDA_MAX_CROSS, np.int32)
         work = cuda.local.array(CUDA_MAX_WORK, np.float64)
-        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], odf, bmat, verts,
+        track_seed(i, first_index + i, seeds[i, 0], seeds[i, 1], seeds[i, 2], vidx, sf, shc,
+                   oscale, bmat, verts,
                    nbrs, stop, aff, fp, ip, bdata, bootm, out, out_n, pmf, coef, peaks, work)
 
 
@@ -823,7 +836,7 @@ def gather_points_cuda(out, slots, offsets, lengths, positions):
 
 
 DEVICE_FUNCTIONS = (
-    splitmix64, stream_key, uniform, cell, interp_at, eval_pmf, is_local_max,
+    splitmix64, stream_key, uniform, cell, interp_at, cell_rows, table_at, eval_pmf, is_local_max,
     closest_peak, seed_peaks, prob_cone, odf_value, nearest_vertex, arc_point, frame_init, frame_advance,
     ptt_step, boot_direction, stop_status, write_world, track_half, end_ok, track_seed,
     copy_streamline, place_seed,

@@ -250,10 +250,65 @@ def test_rng_seed_controls_random_streamlines(algo):
 def test_sf_and_sh_modes_agree():
     a = _prob_run(chunk=40, odf_mode="sf", algo="det")
     b = _prob_run(chunk=40, odf_mode="sh", algo="det")
+    from scipy.spatial import cKDTree
     assert np.array_equal(a[1], b[1])
+    # the sampled table holds the ODF to 3e-5 of each voxel's maximum (int16): a peak just at the
+    # threshold can flip, so a streamline may gain or lose one point at an end; never more
+    differ = 0
     for x, y in zip(a[0], b[0]):
-        assert len(x) == len(y)
-        np.testing.assert_allclose(x, y, atol=1e-3)
+        if len(x) == len(y) and np.abs(x - y).max() < 1e-3:
+            continue
+        differ += 1
+        short, long_ = (x, y) if len(x) < len(y) else (y, x)
+        assert len(long_) - len(short) <= 2
+        assert cKDTree(long_).query(short)[0].max() < 1e-3
+    assert differ <= 0.05 * len(a[0])
+
+
+def test_odf_table_keeps_mask_voxels_in_int16():
+    """The sampled ODF is stored for mask voxels only, as int16 with a scale per voxel: each
+    value within 1/65534 of its voxel's largest magnitude; half the bytes of a float32 volume,
+    times the mask's share of the image."""
+    from kernels.sphere import hemisphere, sh_to_sf_matrix
+    sh, fa = _noisy_crossing()
+    mask = np.zeros(fa.shape, bool)
+    mask[2:10, 1:9, 1:7] = True
+    p = TrackParams()
+    data = prepare(sh=sh, affine=np.eye(4), params=p, stop_map=fa, mask=mask, odf_mode="sf")
+    assert data.odf_sf.dtype == np.int16 and data.odf_sf.shape[1] % 16 == 0
+    assert np.array_equal(data.odf_index > 0, mask)
+    assert np.array_equal(np.sort(data.odf_index[mask]), np.arange(1, mask.sum() + 1))
+    verts, _ = hemisphere("repulsion724")
+    truth = sh[mask] @ sh_to_sf_matrix(verts, 6).T
+    rows = data.odf_index[mask]
+    got = data.odf_sf[rows, :len(verts)] * data.odf_scale[rows, None].astype(np.float64)
+    err = np.abs(got - truth).max(axis=1) / np.abs(truth).max(axis=1)
+    assert err.max() <= 0.5 / 32767 + 1e-6
+    assert np.all(data.odf_sf[0] == 0)          # row 0: voxels without an ODF
+    dense = fa.size * len(verts) * 4
+    rows = (mask.sum() + 1) * (data.odf_sf.shape[1] * 2 + 4)
+    assert data.odf_nbytes == rows + fa.size * 4 + 4          # + the voxel -> row index (+ sh dummy)
+    assert rows < 0.52 * dense * mask.mean()
+    sh_data = prepare(sh=sh, affine=np.eye(4), params=p, stop_map=fa, mask=mask, odf_mode="sh")
+    np.testing.assert_array_equal(sh_data.odf_sh[sh_data.odf_index[mask]], sh[mask])
+    # the per-voxel maxima that the probabilistic threshold uses: zero outside the mask
+    assert np.all(data.stop[~mask, -1] == 0) and np.all(data.stop[mask, -1] > 0)
+
+
+def test_sphere_order_is_local():
+    """Vertices along a Hilbert curve: a 30 degree cone's ~50 vertices occupy few 32-byte sectors
+    of an int16 table row (DIPY's own order: ~15)."""
+    from kernels.sphere import hemisphere
+    verts, nbrs = hemisphere("repulsion724")
+    rng = np.random.default_rng(0)
+    dirs = rng.normal(size=(2000, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    cone = np.abs(dirs @ verts.T) >= np.cos(np.radians(30))
+    sectors = [len(np.unique(np.flatnonzero(c) * 2 // 32)) for c in cone]
+    assert 40 < cone.sum(1).mean() < 60 and np.mean(sectors) < 8
+    # the neighbour table still joins neighbouring vertices (edges of the sphere's mesh)
+    cos = np.abs((verts[:, None, :] * verts[np.maximum(nbrs, 0)]).sum(-1))[nbrs >= 0]
+    assert cos.min() > np.cos(np.radians(15))
 
 
 def test_lengths_respect_min_max_and_seeds_in_voxels():
@@ -325,7 +380,8 @@ _LOWER_SCRIPT = textwrap.dedent("""
     from numba.cuda.compiler import compile_cuda
     import kernels.cuda_tracker as ct
     A = lambda dt, nd: t.Array(dt, nd, "C")
-    sig = (A(t.float64, 2), t.int64, A(t.float32, 4), A(t.float32, 2), A(t.float64, 2),
+    sig = (A(t.float64, 2), t.int64, A(t.int32, 3), A(t.int16, 2), A(t.float32, 2), A(t.float32, 1),
+           A(t.float32, 2), A(t.float64, 2),
            A(t.int32, 2), A(t.float32, 4), A(t.float64, 2), A(t.float64, 1), A(t.int64, 1),
            A(t.float32, 4), A(t.float64, 2), A(t.float32, 3), A(t.int32, 1))
     res = compile_cuda(ct.track_kernel.py_func, t.void, sig, cc=(9, 0))
