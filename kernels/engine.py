@@ -356,48 +356,69 @@ class Chunk:
 
 
 class Tracker:
-    """Runs chunks of seeds through the CPU or CUDA kernel."""
+    """Runs chunks of seeds through the CPU or CUDA kernels.
 
-    def __init__(self, data: TrackingData, device: str = "cpu"):
+    ``precision``: the tracking arithmetic, ``float64`` (the CPU's default) or ``float32`` (the
+    GPU's default).  ``gpus``: the GPUs to spread chunks over (default: every visible one).
+    """
+
+    def __init__(self, data: TrackingData, device: str = "cpu", *, precision: str | None = None,
+                 gpus=None):
         self.data = data
         self.device = device
         if device == "cuda":
             from . import cuda_tracker
-            cuda_tracker.check_limits(data.n_directions, int(data.ip[core.I_N_SH_COEF]),
-                                      data.params.max_cross, int(data.ip[core.I_BOOT_N_DWI]))
-            self._cuda = cuda_tracker
-            self._dev_arrays = cuda_tracker.upload(data)
-        elif device != "cpu":
+            self.precision = precision or "float32"
+            self._cuda = cuda_tracker.CudaRunner(data, gpus=gpus, precision=self.precision)
+        elif device == "cpu":
+            from . import cpu_tracker
+            self.precision = precision or "float64"
+            self._track_chunk = cpu_tracker.track_chunk_for(self.precision)
+        else:
             raise ValueError(f"unknown device {device!r}")
+
+    @property
+    def bytes_per_seed(self) -> int:
+        """Device memory per seed of a chunk: its streamlines' points (both halves on CUDA)."""
+        per = self.data.bytes_per_seed
+        return 2 * per if self.device == "cuda" else per
 
     def auto_chunk_size(self, memory_budget: int | None = None) -> int:
         """Seeds per chunk: from the GPU's free memory, or a quarter of ``memory_budget`` (bytes;
         default: the RAM available now) on the CPU."""
-        per = self.data.bytes_per_seed
+        per = self.bytes_per_seed
         if self.device == "cuda":
             free = self._cuda.free_memory()
-            return int(np.clip(free * 0.4 // per, 1024, 4_000_000))
+            return int(np.clip(free * 0.3 // per, 1024, 4_000_000))   # two chunks in flight
         budget = available_memory() if memory_budget is None else int(memory_budget)
         return int(np.clip(min(budget // 4, 2 << 30) // per, 256, 200_000))
 
     def run(self, seeds_vox: np.ndarray, first_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Track one chunk: returns (positions, lengths, slots) of the kept streamlines."""
         d = self.data
-        seeds_vox = np.ascontiguousarray(seeds_vox, dtype=np.float64)
-        n_slots = len(seeds_vox) * d.params.max_cross
-        min_pts = d.params.min_points
         if self.device == "cuda":
-            return self._cuda.run_chunk(self._dev_arrays, seeds_vox, first_index, n_slots,
-                                        d.params.max_points, min_pts)
-        from . import cpu_tracker as cpu
+            return self._cuda.run(np.ascontiguousarray(seeds_vox, dtype=np.float64), first_index)
+        real = np.float32 if self.precision == "float32" else np.float64
+        seeds_vox = np.ascontiguousarray(seeds_vox, dtype=real)
+        n_slots = len(seeds_vox) * d.params.max_cross
         out = np.empty((n_slots, d.params.max_points, 3), dtype=np.float32)
         out_n = np.empty(n_slots, dtype=np.int32)
         import numba
+        ins = (*d.odf_arrays, d.bmat, d.verts.astype(real), d.nbrs, d.stop, d.affine.astype(real),
+               d.fp.astype(real), d.ip, d.bdata, d.bootm.astype(real))
         # small prange chunks balance threads: neighbouring seeds have similar, correlated costs
         with numba.parallel_chunksize(32):
-            cpu.track_chunk(seeds_vox, np.int64(first_index), *d.odf_arrays, d.bmat, d.verts, d.nbrs,
-                            d.stop, d.affine, d.fp, d.ip, d.bdata, d.bootm, out, out_n)
-        return pack(out, out_n, min_pts)
+            self._track_chunk(seeds_vox, np.int64(first_index), *ins, out, out_n)
+        return pack(out, out_n, d.params.min_points)
+
+    def stream(self, chunks):
+        """Track ``(first_index, seeds_vox)`` chunks; yields ``(first_index, seeds_vox, (positions,
+        lengths, slots))`` in order (on CUDA, overlapping chunks and spread over the GPUs)."""
+        if self.device == "cuda":
+            yield from self._cuda.stream(chunks)
+            return
+        for first, seeds in chunks:
+            yield first, seeds, self.run(seeds, first)
 
 
 def pack(out: np.ndarray, out_n: np.ndarray, min_pts: int):
@@ -425,16 +446,18 @@ def iter_chunks(tracker: Tracker, seeder, chunk_size: int | None = None, progres
     aff = tracker.data.affine
     mc = tracker.data.params.max_cross
     starts = range(0, total, chunk_size)
-    bar = tqdm(starts, total=len(starts), unit="chunk", disable=None if progress else True,
+    bar = tqdm(total=len(starts), unit="chunk", disable=None if progress else True,
                desc=f"tracking ({tracker.device})")
-    for first in bar:
-        count = min(chunk_size, total - first)
-        seeds = seeder.chunk(first, count)
-        positions, lengths, slots = tracker.run(seeds, first)
-        local = slots // mc
-        seed_pts = (seeds[local] @ aff[:3, :3].T + aff[:3, 3]).astype(np.float32)
-        yield Chunk(positions=positions, lengths=lengths, seed_index=first + local,
-                    seed_points=seed_pts, n_seeds=count)
+    chunks = ((first, seeder.chunk(first, min(chunk_size, total - first))) for first in starts)
+    try:
+        for first, seeds, (positions, lengths, slots) in tracker.stream(chunks):
+            local = slots // mc
+            seed_pts = (seeds[local] @ aff[:3, :3].T + aff[:3, 3]).astype(np.float32)
+            bar.update(1)
+            yield Chunk(positions=positions, lengths=lengths, seed_index=first + local,
+                        seed_points=seed_pts, n_seeds=len(seeds))
+    finally:
+        bar.close()
 
 
 def track_all(tracker: Tracker, seeder, chunk_size: int | None = None):
