@@ -472,3 +472,15 @@ def test_select_device(monkeypatch):
         monkeypatch.setenv("TRACTOSCALE_ALLOW_CUDASIM", "1")
         assert device.select_device("cuda") == "cuda"
         assert device.select_device("auto") == "cuda"
+
+
+def test_gpu_lists():
+    from kernels.device import check_gpus, parse_gpus, real_gpu_available
+    from kernels.errors import ParameterError
+    assert parse_gpus(None) is None and parse_gpus("all") is None and parse_gpus(" ALL ") is None
+    assert parse_gpus("0, 2") == [0, 2] and parse_gpus([1]) == [1]
+    for bad in ("0,x", "1,1", "-1", ","):
+        with pytest.raises(ParameterError, match="gpus"):
+            parse_gpus(bad)
+    if not real_gpu_available():
+        assert check_gpus("3") == [3]      # numbers are checked against the GPUs when there are some

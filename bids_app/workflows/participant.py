@@ -232,7 +232,7 @@ def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
                    tissue=_tissue_maps(run, stage) if _needs_tissue(opts) else None,
                    dwi=run.dwi.data if needs_dwi else None, gtab=run.dwi.gtab() if needs_dwi else None)
     stats = track_run(opts, maps, run.out.tractogram, device=config.resources.device,
-                      memory_budget=memory_budget(config.resources), nthreads=config.resources.nthreads,
+                      gpus=config.resources.gpus, memory_budget=memory_budget(config.resources), nthreads=config.resources.nthreads,
                       progress=config.execution.progress, sidecar=_sidecar(run.source, stage))
     log.info("%s: %d streamlines from %d seeds in %.1f s on %s", run.inp.label, stats["n_streamlines"],
              stats["n_seeds"], stats["seconds"], stats["device"])
