@@ -64,6 +64,15 @@ def memory_budget(res: Resources) -> int:
 
 
 def ensure_numba_cache_dir() -> None:
+    """A writable Numba cache folder (see :func:`_writable_numba_cache_dir`), filled with the
+    installation's prebuilt portable kernels when it has some (the container image does), so that
+    a cold container does not compile them (:func:`kernels.warmup.use_prebuilt_cache`)."""
+    _writable_numba_cache_dir()
+    from kernels.warmup import use_prebuilt_cache   # standard library only: Numba is not loaded yet
+    use_prebuilt_cache()
+
+
+def _writable_numba_cache_dir() -> None:
     """Numba's cache must be writable or every cached kernel import fails; fall back to a private
     temporary folder (e.g. another user's /tmp/numba_cache on a shared cluster node)."""
     path = os.environ.get("NUMBA_CACHE_DIR")
