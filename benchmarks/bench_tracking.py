@@ -4,6 +4,10 @@ GPUStreamlines (``cuslines``, when installed and a GPU is present).
 Runs every tracker on the same demo subject, the same seeds and the same settings (probabilistic,
 step, max angle 30 deg, PMF threshold 0.1, FA > 0.1 stopping, 10-250 mm), each in its own
 process so that peak memory is its own, and prints seeds/s, streamlines/s, peak RSS and ratios.
+"tractoscale cpu" times the chunk loop on prepared arrays (streaming to a TRX file); "tractoscale
+stage" times the participant pipeline's whole tracking call (``bids_app.tracking.track_run``:
+ODF table, seeding, tracking, TRX and sidecar) on the same seeds (its WM seed mask is the
+benchmark's), against which DIPY's tracking call alone is compared.
 
     python benchmarks/bench_tracking.py                  # full demo subject, 1 seed per WM voxel
     python benchmarks/bench_tracking.py --size small --seeds-per-voxel 4
@@ -59,7 +63,8 @@ def prepare_inputs(size: str, per_voxel: int, n_seeds: int | None, work: Path) -
     seeds_world = seeds_vox @ aff[:3, :3].T + aff[:3, 3]
     path = work / "inputs.npz"
     np.savez(path, sh=sh, fa=fa, mask=mask, affine=aff, seed_mask=seed_mask,
-             seeds_world=seeds_world, step=0.5 * float(np.sqrt((aff[:3, :3] ** 2).sum(0)).min()))
+             seeds_world=seeds_world, step=0.5 * float(np.sqrt((aff[:3, :3] ** 2).sum(0)).min()),
+             per_voxel=0 if n_seeds else per_voxel, n_seeds=n_seeds or 0)
     print(f"inputs: {size} subject {shape}, {int(mask.sum())} brain voxels, "
           f"{len(seeds_world)} seeds, prepared in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
@@ -75,6 +80,12 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM).  Not ``getrusage``'s ru_maxrss: Linux carries
+    that across fork and exec, so a worker would report the parent's peak (the simulated subject)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -112,6 +123,27 @@ def worker_ours(inputs: Path, device: str, out_dir: Path) -> dict:
                 n_streamlines=n_sl, n_points=n_pts, peak_rss_mb=_peak_mb(),
                 tracking_rss_mb=_peak_mb() - base, odf_mode=data.odf_mode,
                 chunk=tracker.auto_chunk_size())
+
+
+def worker_stage(inputs: Path, out_dir: Path) -> dict:
+    """The participant pipeline's tracking stage, whole: ``track_run`` from the maps to the file."""
+    from bids_app.config import Tracking
+    from bids_app.tracking import RunMaps, track_run
+
+    d = np.load(inputs)
+    maps = RunMaps(affine=d["affine"], mask=d["mask"], fa=d["fa"], sh=d["sh"], sh_order=6, odf_model="csa")
+    seeds = dict(n_seeds=int(d["n_seeds"])) if int(d["n_seeds"]) else dict(seeds_per_voxel=int(d["per_voxel"]))
+    kw = dict(step_size=float(d["step"]), rng_seed=1, stop_method="fa", seeding="wm", **SETTINGS)
+    track_run(Tracking(n_seeds=256, **kw), maps, out_dir / "stage_warm.trx", device="cpu", progress=False)
+    base = _rss_mb()
+    dt = float("inf")
+    for _ in range(REPEAT):
+        t0 = time.perf_counter()
+        stats = track_run(Tracking(**seeds, **kw), maps, out_dir / "stage.trx", device="cpu", progress=False)
+        dt = min(dt, time.perf_counter() - t0)
+    return dict(name="tractoscale stage (track_run, cpu)", seconds=dt, n_seeds=stats["n_seeds"],
+                n_streamlines=stats["n_streamlines"], n_points=stats["n_points"], peak_rss_mb=_peak_mb(),
+                tracking_rss_mb=_peak_mb() - base)
 
 
 def worker_dipy(inputs: Path, threads: int) -> dict:
@@ -235,7 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--skip-dipy", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--worker", choices=("cpu", "cuda", "dipy", "cuslines"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("cpu", "cuda", "stage", "dipy", "cuslines"), help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -245,6 +277,8 @@ def main(argv=None) -> int:
             res = worker_dipy(a.inputs, a.threads)
         elif a.worker == "cuslines":
             res = worker_cuslines(a.inputs)
+        elif a.worker == "stage":
+            res = worker_stage(a.inputs, a.out)
         else:
             res = worker_ours(a.inputs, a.worker, a.out)
         print(json.dumps(res))
@@ -256,7 +290,7 @@ def main(argv=None) -> int:
         inputs = prepare_inputs(a.size, a.seeds_per_voxel, a.n_seeds, work)
         env = {"NUMBA_NUM_THREADS": str(a.threads)}
         common = ["--inputs", str(inputs), "--out", str(work), "--threads", str(a.threads)]
-        results = [_spawn(["--worker", "cpu"] + common, env)]
+        results = [_spawn(["--worker", "cpu"] + common, env), _spawn(["--worker", "stage"] + common, env)]
         if real_gpu_available():
             results.append(_spawn(["--worker", "cuda"] + common, env))
             if importlib.util.find_spec("cuslines") is not None:

@@ -81,6 +81,15 @@ def flags_of(f: dataclasses.Field) -> list[str]:
 
 
 # value checks: each returns a problem (completed by the flag) or None
+def gpu_list(v):
+    from kernels.device import parse_gpus
+    try:
+        parse_gpus(v)
+    except ParameterError as exc:
+        return exc.problem
+    return None
+
+
 def at_least(n):
     return lambda v: None if v is None or v >= n else f"must be >= {n} (got {v})"
 
@@ -185,6 +194,10 @@ class Resources(OptionGroup):
     device: str = option(
         "auto", "tractography/OT kernels: CUDA if a GPU is present (auto), or force one",
         choices=DEVICES)
+    gpus: str = option(
+        "all", "GPUs that tracking spreads its chunks over: all visible ones, or numbers such as "
+               "0,2 (the tractogram does not depend on it)",
+        metavar="all|N[,N...]", check=gpu_list)
     dask_scheduler: str | None = option(
         None, "run group-level tasks on a Dask cluster: scheduler address (tcp://host:port) or "
               "scheduler file; default: a local process pool of --nthreads workers",

@@ -22,12 +22,14 @@ def preflight(config: Config) -> None:
 
 
 def check_device(config: Config) -> None:
-    """``--device cuda`` needs a usable GPU now, not after DTI and CSD."""
-    if config.resources.device == "auto":
-        return
-    from kernels.device import select_device
+    """``--device cuda`` needs a usable GPU now, not after DTI and CSD; ``--gpus`` must name
+    visible GPUs."""
+    from kernels.device import check_gpus, select_device
     with flag_errors(config.resources.device):
-        select_device(config.resources.device)
+        if config.resources.device != "auto":
+            select_device(config.resources.device)
+        if config.resources.device != "cpu":
+            check_gpus(config.resources.gpus)
 
 
 def check_memory(config: Config) -> None:

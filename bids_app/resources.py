@@ -147,7 +147,8 @@ def ensure_numba_cache_dir() -> Path:
     In order: ``NUMBA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
     ``/tractoscale/numba``; then ``<tmp>/tractoscale-numba-<uid>`` (kernels still compile once per
     user and node); else a fresh private temporary folder, removed at exit.  Each is used only if
-    :func:`make_private_dir` accepts it, and the variable is set to its resolved path.
+    :func:`make_private_dir` accepts it, and the variable is set to its resolved path; the folder is
+    then filled with the installation's prebuilt kernels (:func:`kernels.warmup.use_prebuilt_cache`).
     """
     global numba_cache_note
     given = os.environ.get("NUMBA_CACHE_DIR")
@@ -171,6 +172,10 @@ def ensure_numba_cache_dir() -> Path:
         numba_cache_note = (f"Numba cache in {chosen}, not in {candidates[0]}: {'; '.join(problems)}"
                             + ("" if kept else " (a temporary folder: kernels compile again at each run)"))
     os.environ["NUMBA_CACHE_DIR"] = str(chosen)
+    # the installation's prebuilt portable CPU kernels (the container image has some), so that a cold
+    # container does not compile them; standard library only: Numba is not loaded yet
+    from kernels.warmup import use_prebuilt_cache
+    use_prebuilt_cache()
     return chosen
 
 

@@ -200,7 +200,7 @@ def _set_threads(n: int | None) -> None:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
-def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "auto",
+def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "auto", gpus=None,
               memory_budget: int | None = None, nthreads: int | None = None, progress: bool = True,
               sidecar: dict | None = None) -> dict:
     """Track one DWI run and write ``out_path`` (+ JSON sidecar); return run statistics."""
@@ -227,7 +227,7 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
         params = opts.kernel_params(step_size=step, stop_method=stopping["method"])
         run = TrackingRun(maps.sh, affine, basis="tournier07", legacy=False, frame=maps.sh_frame, seeds=seeds_mask,
                           mask=mask, params=params, n_seeds=opts.n_seeds, seeds_per_voxel=per_voxel,
-                          device=device, sphere=opts.sphere, odf_mode=opts.odf_mode,
+                          device=device, gpus=gpus, sphere=opts.sphere, odf_mode=opts.odf_mode,
                           memory_budget=memory_budget,
                           bootstrap=bootstrap_data(maps) if opts.algorithm == "boot" else None,
                           **stopping["kw"])

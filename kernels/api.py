@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from . import engine
-from .device import select_device
+from .device import check_gpus, select_device
 from .errors import ParameterError
 from .frames import USUAL_LEGACY, convert_sh
 
@@ -40,6 +40,8 @@ class TrackingRun:
     ``stop_method="act"`` or ``"cmc"`` instead.  ``mask``: ODF values outside it are zeroed
     (default: none).  ``memory_budget`` (bytes) bounds the pre-sampled ODF and the CPU chunk size.
     ``bootstrap``: :func:`kernels.engine.bootstrap_arrays` output, for ``algorithm="boot"``.
+    ``gpus``: GPU numbers to spread chunks over (default: every visible one); ``precision``: the
+    tracking arithmetic, ``"float32"`` (the GPU's default) or ``"float64"`` (the CPU's).
     """
 
     def __init__(self, sh, affine, *, basis: str, frame: str, seeds, legacy: bool | None = None,
@@ -47,7 +49,8 @@ class TrackingRun:
                  mask=None, params: engine.TrackParams | None = None, n_seeds: int | None = None,
                  seeds_per_voxel: int | None = None, device: str = "auto", sphere: str = "repulsion724",
                  odf_mode: str = "auto", memory_budget: int | None = None,
-                 bootstrap: engine.BootstrapData | None = None, **param_overrides):
+                 bootstrap: engine.BootstrapData | None = None, gpus=None, precision: str | None = None,
+                 **param_overrides):
         self.affine = np.asarray(affine, dtype=np.float64)
         sh = np.asarray(sh)
         if sh.ndim != 4:
@@ -56,6 +59,10 @@ class TrackingRun:
         params = dataclasses.replace(params or engine.TrackParams(), **param_overrides)
         stop_kw, params = self._stopping(params, stopping, stop_threshold, include_map, exclude_map)
         self.device = select_device(device)
+        self.gpus = check_gpus(gpus) if self.device == "cuda" else None
+        if precision not in (None, "float32", "float64"):
+            raise ParameterError("precision", f"must be float32 or float64, not {precision!r}")
+        self.precision = precision
         legacy = USUAL_LEGACY.get(basis, False) if legacy is None else bool(legacy)
         internal = convert_sh(sh, basis=basis, legacy=legacy, frame=frame, affine=self.affine)
         self.data = engine.prepare(sh=internal, affine=self.affine, params=params, mask=mask,
@@ -114,7 +121,8 @@ class TrackingRun:
     @property
     def tracker(self) -> engine.Tracker:
         if self._tracker is None:
-            self._tracker = engine.Tracker(self.data, self.device)
+            self._tracker = engine.Tracker(self.data, self.device, precision=self.precision,
+                                           gpus=self.gpus)
         return self._tracker
 
     def chunk_size(self, requested: int | None = None) -> int:

@@ -18,7 +18,9 @@ is bound to ``numba.cuda``.
 Caching: CPU functions use Numba's on-disk cache (``NUMBA_CACHE_DIR``).  Numba keys a cache entry
 on the function's qualified name and source file, not on the globals it captured, so functions
 compiled with ``constants`` get a qualified name suffixed with a digest of them: two
-specialisations never share a cache entry.  CUDA functions compile when first launched.
+specialisations never share a cache entry.  CUDA kernels compile when first launched and are
+cached the same way (``cuda.jit(cache=True)``, keyed also on the compute capability and the CUDA
+version); their device functions are compiled into them.
 """
 from __future__ import annotations
 
@@ -75,6 +77,6 @@ def compile_for(target: str, *, device=(), kernels=(), constants: dict | None = 
         for f in device:
             compiled[f.__name__] = cuda.jit(device=True)(_rebind(f, namespace, suffix))
         for f in kernels:
-            compiled[f.__name__] = cuda.jit(_rebind(f, namespace, suffix))
+            compiled[f.__name__] = cuda.jit(cache=cache)(_rebind(f, namespace, suffix))
     namespace.update(compiled)
     return compiled

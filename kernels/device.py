@@ -49,3 +49,32 @@ def select_device(requested: str = "auto") -> str:
                else "no CUDA GPU or driver was found (is the container run with --nv / --gpus?)")
         raise DeviceError(f"CUDA was requested but {why}; use the CPU (or auto)")
     return "cuda"
+
+
+def parse_gpus(text) -> list[int] | None:
+    """``None``/``"all"``: every visible GPU; ``"0,2"`` (or a list): those GPU numbers."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        ids = [int(str(x).strip()) for x in items]
+    except ValueError:
+        raise ParameterError("gpus", f"must be 'all' or GPU numbers separated by commas, e.g. 0,2 "
+                                     f"(got {text!r})") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ParameterError("gpus", f"must list distinct GPU numbers >= 0 (got {text!r})")
+    return ids
+
+
+def check_gpus(text) -> list[int] | None:
+    """:func:`parse_gpus`, and each number must be a visible GPU (when a real GPU is present)."""
+    ids = parse_gpus(text)
+    if ids is None or not real_gpu_available():
+        return ids
+    from numba import cuda
+    n = len(cuda.gpus)
+    missing = [g for g in ids if g >= n]
+    if missing:
+        raise ParameterError("gpus", f"GPU {missing[0]} is not visible: this machine shows {n} "
+                                     f"(numbers 0 to {n - 1}; CUDA_VISIBLE_DEVICES renumbers them)")
+    return ids

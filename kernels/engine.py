@@ -47,7 +47,10 @@ class BootstrapData:
 class TrackingData:
     """Everything a kernel reads, as contiguous arrays, and the settings they were made with."""
 
-    odf: np.ndarray          # (X, Y, Z, V) float32 sampled ODF, or (X, Y, Z, K) SH coefficients
+    odf_index: np.ndarray    # (X, Y, Z) int32: each voxel's row in the ODF table, 0 = no ODF
+    odf_sf: np.ndarray       # (R, Vp) int16 ODF sampled on the sphere, one row per voxel (sf mode)
+    odf_sh: np.ndarray       # (R, K) float32 SH coefficients, one row per voxel (sh mode)
+    odf_scale: np.ndarray    # (R,) float32 value of one unit of each odf_sf row (1 in sh mode)
     odf_mode: str            # "sf" or "sh"
     bmat: np.ndarray         # (V, K) float32 SH -> sphere matrix
     verts: np.ndarray        # (V, 3) float64 hemisphere, scaled-voxel-axis frame
@@ -63,6 +66,15 @@ class TrackingData:
     @property
     def n_directions(self) -> int:
         return int(self.verts.shape[0])
+
+    @property
+    def odf_arrays(self) -> tuple:
+        """The ODF table as the kernels take it: (index, sf, sh, scale)."""
+        return self.odf_index, self.odf_sf, self.odf_sh, self.odf_scale
+
+    @property
+    def odf_nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.odf_arrays))
 
     @property
     def bdata(self) -> np.ndarray:
@@ -168,17 +180,80 @@ def bootstrap_arrays(signal: np.ndarray, s0: np.ndarray, bvecs: np.ndarray, sh_o
     return BootstrapData(bdata=bdata, bootm=bootm, n_volumes=nd, model=model)
 
 
-def sf_bytes(shape3, nverts: int) -> int:
-    return int(np.prod(shape3)) * nverts * 4
+SF_ROW_ALIGN = 16   # int16 values: rows of the sampled-ODF table start on 32-byte sectors
 
 
-def choose_odf_mode(requested: str, shape3, nverts: int, budget_bytes: int | None = None) -> str:
+def sf_row_length(nverts: int) -> int:
+    return -(-int(nverts) // SF_ROW_ALIGN) * SF_ROW_ALIGN
+
+
+def sf_bytes(n_rows: int, nverts: int) -> int:
+    """Bytes of the sampled-ODF table for ``n_rows`` voxels (int16 values + a float32 scale)."""
+    return int(n_rows + 1) * (sf_row_length(nverts) * 2 + 4)
+
+
+def choose_odf_mode(requested: str, n_rows: int, nverts: int, budget_bytes: int | None = None) -> str:
     """``sf`` (pre-sampled, fastest) when it fits in the budget, else ``sh`` (on the fly)."""
     if requested in ("sf", "sh"):
         return requested
     if budget_bytes is None:
         budget_bytes = min(available_memory() // 4, 8 << 30)
-    return "sf" if sf_bytes(shape3, nverts) <= budget_bytes else "sh"
+    return "sf" if sf_bytes(n_rows, nverts) <= budget_bytes else "sh"
+
+
+def odf_rows(sh: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(X, Y, Z) int32: row 1, 2, ... of the ODF table for each voxel with an ODF (inside the mask
+    and with a coefficient != 0), in C order; 0 elsewhere (row 0 of every table is zero)."""
+    index = np.zeros(sh.shape[:3], dtype=np.int32)
+    n = 0
+    for x in range(sh.shape[0]):       # one slab at a time: no full-size temporary
+        has = np.any(np.asarray(sh[x]) != 0, axis=-1)
+        if mask is not None:
+            has &= mask[x]
+        k = int(has.sum())
+        index[x][has] = np.arange(n + 1, n + k + 1, dtype=np.int32)
+        n += k
+    return index
+
+
+def odf_table(sh: np.ndarray, index: np.ndarray, bmat: np.ndarray, mode: str):
+    """The ODF table of the voxels listed in ``index`` and each voxel's ODF maximum.
+
+    ``sf``: the ODF sampled on the sphere's vertices, stored as int16 with one float32 scale per
+    row (the row's largest magnitude maps to 32767): 2 bytes a value, relative precision 3e-5 of
+    the voxel's own maximum.  ``sh``: the float32 coefficients.  Returns (sf, sh, scale, odfmax).
+    """
+    n = int(index.max(initial=0))
+    nverts, ncoef = bmat.shape
+    odfmax = np.zeros(index.shape, dtype=np.float32)
+    scale = np.ones(n + 1, dtype=np.float32)
+    scale[0] = 0.0
+    if mode == "sf":
+        sf = np.zeros((n + 1, sf_row_length(nverts)), dtype=np.int16)
+        shc = np.zeros((1, 1), dtype=np.float32)
+    else:
+        sf = np.zeros((1, 1), dtype=np.int16)
+        shc = np.zeros((n + 1, ncoef), dtype=np.float32)
+    for x in range(index.shape[0]):
+        has = index[x] > 0
+        k = int(has.sum())
+        if k == 0:
+            continue
+        r0 = int(index[x][has].min())          # a slab's rows are consecutive (C order)
+        coef = np.asarray(sh[x], dtype=np.float32)[has]
+        vals = coef @ bmat.T
+        top = vals.max(axis=1)
+        odfmax[x][has] = np.maximum(top, 0)
+        if mode == "sh":
+            shc[r0:r0 + k] = coef
+            continue
+        s = np.maximum(top, -vals.min(axis=1)) / np.float32(32767.0)
+        s[s == 0] = 1.0
+        vals *= (np.float32(1.0) / s)[:, None]   # in units of the row's scale, in place (float32):
+        np.rint(vals, out=vals)                  # |vals| <= 32767 (1 + 2e-7): no clipping needed
+        sf[r0:r0 + k, :nverts] = vals
+        scale[r0:r0 + k] = s
+    return sf, shc, scale, odfmax
 
 
 def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
@@ -190,8 +265,10 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
 
     Threshold stopping uses ``stop_map`` (> ``params.stop_threshold`` keeps tracking; pass a 0/1
     mask with threshold 0.5 for mask stopping).  ACT/CMC use ``include_map`` / ``exclude_map``.
-    ``memory_budget`` (bytes) decides whether the ODF is pre-sampled on the sphere (``odf_mode``
-    auto).  The residual bootstrap (``params.algorithm == "boot"``) needs ``bootstrap``.
+    The ODF is kept only for voxels inside ``mask`` (default: every voxel with an ODF), in a table
+    of one row per voxel; ``memory_budget`` (bytes) decides whether it is pre-sampled on the
+    sphere (``odf_mode`` auto).  The residual bootstrap (``params.algorithm == "boot"``) needs
+    ``bootstrap``.
     """
     sh = np.asarray(sh)
     if sh.ndim != 4:
@@ -201,21 +278,10 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
     ncoef = sh.shape[3]
     order = sh_order_from_ncoef(ncoef)
     bmat = sh_to_sf_matrix(verts, order)
-    mode = choose_odf_mode(odf_mode, sh.shape[:3], len(verts), memory_budget)
     keep = None if mask is None else np.asarray(mask, dtype=bool)
-    odfmax = np.zeros(sh.shape[:3], dtype=np.float32)
-    odf = np.zeros(sh.shape[:3] + (len(verts),), dtype=np.float32) if mode == "sf" else None
-    for z in range(sh.shape[2]):
-        sl = np.asarray(sh[:, :, z, :], dtype=np.float32) @ bmat.T
-        if keep is not None:
-            sl[~keep[:, :, z]] = 0
-        odfmax[:, :, z] = np.clip(sl.max(axis=-1), 0, None)
-        if odf is not None:
-            odf[:, :, z, :] = sl
-    if mode == "sh":
-        odf = np.ascontiguousarray(sh, dtype=np.float32)
-        if keep is not None:
-            odf = odf * keep[..., None]
+    index = odf_rows(sh, keep)
+    mode = choose_odf_mode(odf_mode, int(index.max(initial=0)), len(verts), memory_budget)
+    sf, shc, scale, odfmax = odf_table(sh, index, bmat, mode)
     if params.stop_method == "threshold":
         if stop_map is None:
             raise ValueError("threshold stopping needs stop_map")
@@ -237,7 +303,7 @@ def prepare(*, sh: np.ndarray, affine: np.ndarray, params: TrackParams,
                          n_sh_coef=ncoef, nbr_degree=nbrs.shape[1], odf_mode=mode,
                          max_channel=stop.shape[3] - 1,
                          bootstrap=bootstrap if params.algorithm == "boot" else None)
-    return TrackingData(odf=np.ascontiguousarray(odf), odf_mode=mode,
+    return TrackingData(odf_index=index, odf_sf=sf, odf_sh=shc, odf_scale=scale, odf_mode=mode,
                         bmat=np.ascontiguousarray(bmat), verts=verts, nbrs=table,
                         stop=np.ascontiguousarray(stop), affine=affine, fp=fp, ip=ip,
                         params=params, sh_order=order,
@@ -293,48 +359,69 @@ class Chunk:
 
 
 class Tracker:
-    """Runs chunks of seeds through the CPU or CUDA kernel."""
+    """Runs chunks of seeds through the CPU or CUDA kernels.
 
-    def __init__(self, data: TrackingData, device: str = "cpu"):
+    ``precision``: the tracking arithmetic, ``float64`` (the CPU's default) or ``float32`` (the
+    GPU's default).  ``gpus``: the GPUs to spread chunks over (default: every visible one).
+    """
+
+    def __init__(self, data: TrackingData, device: str = "cpu", *, precision: str | None = None,
+                 gpus=None):
         self.data = data
         self.device = device
         if device == "cuda":
             from . import cuda_tracker
-            cuda_tracker.check_limits(data.n_directions, int(data.ip[core.I_N_SH_COEF]),
-                                      data.params.max_cross, int(data.ip[core.I_BOOT_N_DWI]))
-            self._cuda = cuda_tracker
-            self._dev_arrays = cuda_tracker.upload(data)
-        elif device != "cpu":
+            self.precision = precision or "float32"
+            self._cuda = cuda_tracker.CudaRunner(data, gpus=gpus, precision=self.precision)
+        elif device == "cpu":
+            from . import cpu_tracker
+            self.precision = precision or "float64"
+            self._track_chunk = cpu_tracker.track_chunk_for(self.precision)
+        else:
             raise ValueError(f"unknown device {device!r}")
+
+    @property
+    def bytes_per_seed(self) -> int:
+        """Device memory per seed of a chunk: its streamlines' points (both halves on CUDA)."""
+        per = self.data.bytes_per_seed
+        return 2 * per if self.device == "cuda" else per
 
     def auto_chunk_size(self, memory_budget: int | None = None) -> int:
         """Seeds per chunk: from the GPU's free memory, or a quarter of ``memory_budget`` (bytes;
         default: the RAM available now) on the CPU."""
-        per = self.data.bytes_per_seed
+        per = self.bytes_per_seed
         if self.device == "cuda":
             free = self._cuda.free_memory()
-            return int(np.clip(free * 0.4 // per, 1024, 4_000_000))
+            return int(np.clip(free * 0.3 // per, 1024, 4_000_000))   # two chunks in flight
         budget = available_memory() if memory_budget is None else int(memory_budget)
         return int(np.clip(min(budget // 4, 2 << 30) // per, 256, 200_000))
 
     def run(self, seeds_vox: np.ndarray, first_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Track one chunk: returns (positions, lengths, slots) of the kept streamlines."""
         d = self.data
-        seeds_vox = np.ascontiguousarray(seeds_vox, dtype=np.float64)
-        n_slots = len(seeds_vox) * d.params.max_cross
-        min_pts = d.params.min_points
         if self.device == "cuda":
-            return self._cuda.run_chunk(self._dev_arrays, seeds_vox, first_index, n_slots,
-                                        d.params.max_points, min_pts)
-        from . import cpu_tracker as cpu
+            return self._cuda.run(np.ascontiguousarray(seeds_vox, dtype=np.float64), first_index)
+        real = np.float32 if self.precision == "float32" else np.float64
+        seeds_vox = np.ascontiguousarray(seeds_vox, dtype=real)
+        n_slots = len(seeds_vox) * d.params.max_cross
         out = np.empty((n_slots, d.params.max_points, 3), dtype=np.float32)
         out_n = np.empty(n_slots, dtype=np.int32)
         import numba
+        ins = (*d.odf_arrays, d.bmat, d.verts.astype(real), d.nbrs, d.stop, d.affine.astype(real),
+               d.fp.astype(real), d.ip, d.bdata, d.bootm.astype(real))
         # small prange chunks balance threads: neighbouring seeds have similar, correlated costs
         with numba.parallel_chunksize(32):
-            cpu.track_chunk(seeds_vox, np.int64(first_index), d.odf, d.bmat, d.verts, d.nbrs,
-                            d.stop, d.affine, d.fp, d.ip, d.bdata, d.bootm, out, out_n)
-        return pack(out, out_n, min_pts)
+            self._track_chunk(seeds_vox, np.int64(first_index), *ins, out, out_n)
+        return pack(out, out_n, d.params.min_points)
+
+    def stream(self, chunks):
+        """Track ``(first_index, seeds_vox)`` chunks; yields ``(first_index, seeds_vox, (positions,
+        lengths, slots))`` in order (on CUDA, overlapping chunks and spread over the GPUs)."""
+        if self.device == "cuda":
+            yield from self._cuda.stream(chunks)
+            return
+        for first, seeds in chunks:
+            yield first, seeds, self.run(seeds, first)
 
 
 def pack(out: np.ndarray, out_n: np.ndarray, min_pts: int):
@@ -362,16 +449,18 @@ def iter_chunks(tracker: Tracker, seeder, chunk_size: int | None = None, progres
     aff = tracker.data.affine
     mc = tracker.data.params.max_cross
     starts = range(0, total, chunk_size)
-    bar = tqdm(starts, total=len(starts), unit="chunk", disable=None if progress else True,
+    bar = tqdm(total=len(starts), unit="chunk", disable=None if progress else True,
                desc=f"tracking ({tracker.device})")
-    for first in bar:
-        count = min(chunk_size, total - first)
-        seeds = seeder.chunk(first, count)
-        positions, lengths, slots = tracker.run(seeds, first)
-        local = slots // mc
-        seed_pts = (seeds[local] @ aff[:3, :3].T + aff[:3, 3]).astype(np.float32)
-        yield Chunk(positions=positions, lengths=lengths, seed_index=first + local,
-                    seed_points=seed_pts, n_seeds=count)
+    chunks = ((first, seeder.chunk(first, min(chunk_size, total - first))) for first in starts)
+    try:
+        for first, seeds, (positions, lengths, slots) in tracker.stream(chunks):
+            local = slots // mc
+            seed_pts = (seeds[local] @ aff[:3, :3].T + aff[:3, 3]).astype(np.float32)
+            bar.update(1)
+            yield Chunk(positions=positions, lengths=lengths, seed_index=first + local,
+                        seed_points=seed_pts, n_seeds=len(seeds))
+    finally:
+        bar.close()
 
 
 def track_all(tracker: Tracker, seeder, chunk_size: int | None = None):

@@ -100,12 +100,20 @@ def test_solver_cpu_and_cuda_simulator_agree(dense_limit):
     Q, yl = synthetic.large_tractogram(20, seed=2, jitter=1.5, npts=6)
     Yw = Atlas([str(k) for k in range(7)], Q, yl).with_fragments(((0.5, 1),)).window_vectors()   # 2 windows
     params = ot.OTParams(reach=6.0, scaling=0.6, final_iters=2, dense_limit=dense_limit, n_clusters=4)
-    out = {name: ot.transport_labels(fibres.to_vectors(P), Yw, yl, 7, params, backend=get_backend(name))
-           for name in ("cpu", "cuda")}
-    np.testing.assert_allclose(out["cpu"].f, out["cuda"].f, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(out["cpu"].g, out["cuda"].g, rtol=1e-9, atol=1e-9)
-    np.testing.assert_array_equal(out["cpu"].labels, out["cuda"].labels)
-    assert out["cpu"].stats["multiscale"] == (dense_limit == 0)
+    out = {(name, prec): ot.transport_labels(fibres.to_vectors(P), Yw, yl, 7, params,
+                                             backend=get_backend(name, precision=prec))
+           for name, prec in (("cpu", "float64"), ("cuda", "float64"), ("cuda", "float32"))}
+    cpu, cuda64, cuda32 = out["cpu", "float64"], out["cuda", "float64"], out["cuda", "float32"]
+    # the same source and precision on both targets
+    np.testing.assert_allclose(cpu.f, cuda64.f, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(cpu.g, cuda64.g, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(cpu.labels, cuda64.labels)
+    # the GPU's default, float32: potentials to float32 rounding of the costs, the same labels
+    scale = max(np.abs(cpu.f).max(), np.abs(cpu.g).max())
+    np.testing.assert_allclose(cpu.f, cuda32.f, atol=1e-5 * scale)
+    np.testing.assert_allclose(cpu.g, cuda32.g, atol=1e-5 * scale)
+    np.testing.assert_array_equal(cpu.labels, cuda32.labels)
+    assert cpu.stats["multiscale"] == (dense_limit == 0)
 
 
 def test_windowed_atlas_multiscale_matches_dense():

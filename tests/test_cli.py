@@ -153,6 +153,8 @@ def test_readme_documents_every_option():
     ("participant", ["--seed-mask", "{tmp}/missing.nii.gz"], "--seed-mask"),
     ("participant", ["--mem", "0"], "--mem"),
     ("participant", ["--mem", "64000000"], "--mem is in GB"),
+    ("participant", ["--gpus", "0,x"], "--gpus"),
+    ("participant", ["--gpus", "1,1"], "--gpus must list distinct GPU numbers"),
     ("group", ["--tbss-target", "{tmp}/missing_FA.nii.gz"], "no such file"),
     ("group", ["--tbss-target", "NoSuchTemplate"], "not available offline"),
     ("group", ["--tbss-space", "NoSuchTemplate"], "not available offline"),

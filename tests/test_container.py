@@ -281,7 +281,10 @@ def test_dockerfile_runs_only_the_install_script_and_runs_as_non_root():
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(base|runtime)-ubuntu24\.04", base), base
     assert _lock_image().IMAGE_PYTHON == "3.12"
     runs = [rest for w, rest in instructions if w == "RUN"]
-    assert len(runs) == 1 and "docker/install.sh" in runs[0]
+    assert len(runs) == 2 and "docker/install.sh" in runs[0]
+    # the second step only prebuilds the portable kernel cache, where the app looks for it
+    assert runs[1].startswith("/opt/tractoscale/bin/python -m kernels.warmup --portable "
+                              "/opt/tractoscale/share/tractoscale/numba-cache ")
     assert "--expect-version" in runs[0] and "--skip-templates" not in runs[0]
     assert "--constraints /src/docker/constraints.txt" in runs[0]
     assert '--templates "${TEMPLATEFLOW}"' in runs[0] and ("ARG", "TEMPLATEFLOW=fetch") in instructions

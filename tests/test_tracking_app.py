@@ -216,8 +216,9 @@ def test_probabilistic_matches_dipy_statistics(ras, tmp_path):
         max_len=250, max_angle=30, pmf_threshold=0.1, nbr_threads=2, random_seed=1))
     a, b = _bundle_stats(ours, ras), _bundle_stats(ref, ras)
     assert abs(a["n"] - b["n"]) / b["n"] < 0.10                     # count within 10 %
-    assert abs(a["median_length"] - b["median_length"]) <= 2.5       # 2 steps
-    assert abs(a["p90_length"] - b["p90_length"]) <= 5.0
+    # lengths are sums of float32 steps: "2 steps" is 2.5 mm up to rounding (1e-3 mm)
+    assert abs(a["median_length"] - b["median_length"]) <= 2.5 + 1e-3       # 2 steps
+    assert abs(a["p90_length"] - b["p90_length"]) <= 5.0 + 1e-3
     assert a["inside"] > 0.7 and abs(a["inside"] - b["inside"]) < 0.05
     assert np.all(a["coverage"] >= b["coverage"] - 0.1) and a["coverage"].min() > 0.8
 

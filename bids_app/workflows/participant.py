@@ -320,7 +320,8 @@ def write_tractogram(run: RunData, stage: Stage, config: Config, tissue_files: d
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
                    tissue=_tissue_maps(run, tissue_files) if _needs_tissue(opts) else None, dwi=dwi, gtab=gtab)
     stats = track_run(opts, maps, run.out.tractogram, device=config.resources.device,
-                      memory_budget=remaining_budget(config.resources), nthreads=config.resources.nthreads,
+                      gpus=config.resources.gpus, memory_budget=remaining_budget(config.resources),
+                      nthreads=config.resources.nthreads,
                       progress=config.execution.progress, sidecar=_sidecar(run.source, stage))
     log.info("%s: %d streamlines from %d seeds in %.1f s on %s", run.inp.label, stats["n_streamlines"],
              stats["n_seeds"], stats["seconds"], stats["device"])
