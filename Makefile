@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo
 # Numba compiles kernels once and reuses them between processes and runs
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+# PyTorch for the `learn` extra that `test` includes: the CPU build (about 750 MB installed). A bare
+# torch requirement resolves to a CUDA build of several GB on Linux; set TORCH to choose another.
+TORCH  ?= torch==2.13.0
 
 .PHONY: demo test venv clean
 
@@ -30,7 +33,7 @@ demo: $(BIN)/python
 	@echo "  group outputs      : $(DEMO)/derivatives/group/"
 
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test]" "$(TORCH)"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q
 
 clean:

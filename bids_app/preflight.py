@@ -2,8 +2,10 @@
 
 :class:`~bids_app.config.Config` already guarantees value ranges and combinations; this adds what
 needs the machine or the file system: the requested device, the TBSS target and template, the
-statistics columns, the bundle atlas.  Each failure is a :class:`UsageError` (exit 64) naming the
-flag, raised within a second or two and before anything is written.
+statistics columns, the bundle atlas, the learned tracker's model file.  Each failure is a
+:class:`UsageError` (exit 64) naming the flag, or an :class:`~bids_app.errors.InputDataError` (exit 65)
+for a model file whose content is unusable, raised within a second or two and before anything is
+written.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from .errors import TractoscaleError, UsageError
 
 def preflight(config: Config) -> None:
     check_device(config)
+    if config.analysis_level == "participant":
+        check_tracking_model(config)
     if config.analysis_level == "group":
         check_tbss(config)
         check_segmentation(config)
@@ -27,6 +31,15 @@ def check_device(config: Config) -> None:
     from kernels.device import select_device
     with flag_errors(config.resources.device):
         select_device(config.resources.device)
+
+
+def check_tracking_model(config: Config) -> None:
+    """``--tracking learned``: PyTorch installed, the model file a complete tractoscale tracker."""
+    if not config.tracking.learned:
+        return
+    from .learned import check_model_file, require_learn_extra
+    require_learn_extra()
+    check_model_file(config.tracking.tracking_model)
 
 
 def _as_usage(exc: TractoscaleError) -> UsageError:

@@ -2,7 +2,8 @@
 
 1. ``dti``: brain mask, mean b=0, FA/MD/AD/RD, tensor, colour-FA
 2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT)
-3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none``
+3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none`` (``learned``: a
+   trained network, :mod:`bids_app.learned`)
 4. ``qc``: the QC figure, drawn from what the other stages wrote
 
 A stage runs when its completion record is missing or stale (other parameters, other inputs, or an
@@ -226,7 +227,7 @@ def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
 
     opts = config.tracking
     sh, sh_order, gfa = run.odf
-    needs_dwi = opts.algorithm == "boot"
+    needs_dwi = opts.algorithm == "boot" or opts.learned
     maps = RunMaps(affine=nib.load(str(run.out.mask)).affine, mask=run.mask, fa=run.fa, sh=sh,
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
                    tissue=_tissue_maps(run, stage) if _needs_tissue(opts) else None,
@@ -280,6 +281,8 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
             extra += list((tissue_map_files(inp.dwi) or {}).values())
         if opts.algorithm == "boot":
             extra += list(raw)
+        if opts.learned:
+            extra += [opts.tracking_model, *raw]      # the model's content and the signal it reads
         trk = Stage(f"{label}_track-{opts.algorithm}", outputs=_with_sidecars([out.tractogram]),
                     record_dir=out.records, files=tuple(extra), upstream=(dti, odf),
                     params={"Stage": "tracking", **opts.parameters(), "ODF": model})
@@ -299,6 +302,9 @@ def process_run(inp: DwiInput, config: Config) -> str:
     out = Outputs(config.output_dir, inp.entities, config.models.odf_model,
                   opts.algorithm if opts.enabled else None, opts.extension)
     run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives))
+    if opts.learned:     # the data must feed the model before anything of this run is computed
+        from ..learned import check_model_file, check_run
+        check_run(inp.bval, check_model_file(opts.tracking_model))
     todo = plan(participant_stages(inp, config, out, run), force=config.execution.force)
     if not todo:
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
