@@ -32,15 +32,16 @@ def require_learn_extra(what: str = "--tracking learned") -> None:
 
 
 @contextlib.contextmanager
-def model_errors():
-    """The library's model-file and data errors as bad input data (exit 65)."""
+def model_errors(data: str = "the data cannot feed this model"):
+    """The library's model-file and data errors as bad input data (exit 65); ``data`` starts the
+    message of a data error."""
     from kernels.errors import DataError, ModelFileError
     try:
         yield
     except ModelFileError as exc:
         raise InputDataError(f"model file {exc.path}: {exc.problem}") from None
     except DataError as exc:
-        raise InputDataError(f"the data cannot feed this model: {exc}") from None
+        raise InputDataError(f"{data}: {exc}") from None
 
 
 def check_model_file(path):
@@ -58,7 +59,7 @@ def check_run(bval_path: Path, info) -> None:
         bvals = np.loadtxt(bval_path, ndmin=1, dtype=float).ravel()
     except (OSError, ValueError):
         return    # unreadable tables are reported, with their file name, when the DWI is loaded
-    with model_errors():
+    with model_errors(f"{Path(bval_path).name}: the data cannot feed the model {Path(info.path).name}"):
         check_order(bvals, pick_shell(bvals, info.inputs.shell), info.inputs.sh_order)
 
 

@@ -138,7 +138,7 @@ def load_pair(dwi_path: Path, tract_path: Path, order: int, shell: float | None)
             raise NoInputError(f"{f} (the gradient table of {dwi_path.name}) does not exist")
     dwi = load_dwi(dwi_path, bval, bvec)
     mask = compute_mask(dwi)
-    with model_errors():
+    with model_errors(dwi_path.name):
         used = pick_shell(dwi.bvals, shell)
         signal = signal_sh(dwi.data, dwi.bvals, dwi.bvecs, dwi.affine, frame="voxel", sh_order=order,
                            shell=used, mask=mask)
