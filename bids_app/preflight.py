@@ -40,6 +40,10 @@ def check_tracking_model(config: Config) -> None:
     from .learned import check_model_file, require_learn_extra
     require_learn_extra()
     check_model_file(config.tracking.tracking_model)
+    if config.resources.device == "cuda":        # PyTorch's view of the GPU (a CPU-only build sees none)
+        from kernels.learned.api import torch_device
+        with flag_errors("cuda"):
+            torch_device("cuda")
 
 
 def _as_usage(exc: TractoscaleError) -> UsageError:

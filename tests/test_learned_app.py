@@ -43,26 +43,6 @@ def tracked(demo3, trained, tmp_path_factory):
     return out
 
 
-def _bundle_figures(streamlines, bids, label):
-    """Fraction of points in the 1-voxel dilated true bundles; per bundle, the fraction of its voxels
-    visited and the streamlines with most of their points in it."""
-    import nibabel as nib
-    from scipy.ndimage import binary_dilation
-    img = nib.load(str(bids / "sourcedata" / "groundtruth" / f"sub-{label}" / f"sub-{label}_desc-bundles_mask.nii.gz"))
-    masks = np.asarray(img.dataobj) > 0                                  # (X, Y, Z, 7)
-    dilated = binary_dilation(masks.any(-1), np.ones((3, 3, 3), bool))
-    inv = np.linalg.inv(img.affine)
-    ijk = [np.clip(np.rint(s @ inv[:3, :3].T + inv[:3, 3]).astype(int), 0, np.array(dilated.shape) - 1)
-           for s in streamlines]
-    allpts = np.concatenate(ijk)
-    inside = dilated[tuple(allpts.T)].mean()
-    visited = np.zeros(dilated.shape, bool)
-    visited[tuple(allpts.T)] = True
-    coverage = [(visited & masks[..., k]).sum() / masks[..., k].sum() for k in range(masks.shape[-1])]
-    members = [sum(masks[..., k][tuple(p.T)].mean() > 0.5 for p in ijk) for k in range(masks.shape[-1])]
-    return inside, np.array(coverage), np.array(members)
-
-
 @pytest.mark.slow
 def test_trained_on_two_subjects_tracks_the_third(demo3, trained, tracked):
     from trx.trx_file_memmap import load
@@ -78,10 +58,11 @@ def test_trained_on_two_subjects_tracks_the_third(demo3, trained, tracked):
     t = load(str(trx))
     sls = [np.asarray(s, dtype=np.float64) for s in t.streamlines]
     t.close()
-    inside, coverage, members = _bundle_figures(sls, demo3, "03")
+    from bids_app.demo.scoring import score_against_truth
+    score = score_against_truth(sls, demo3, "03")
     # measured: 1.00 of the points inside, every bundle's voxels >= 0.94 visited
-    assert len(sls) > 500 and inside >= 0.90, inside
-    assert coverage.min() > 0.8 and members.min() >= 10, (coverage, members)
+    assert score["n"] > 500 and score["inside_dilated"] >= 0.90, score
+    assert min(score["coverage"].values()) > 0.8 and min(score["members"].values()) >= 10, score
     side = json.loads(trx.with_suffix(".json").read_text())
     prop = side["StreamlinePropagation"]
     import hashlib

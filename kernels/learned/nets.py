@@ -62,6 +62,16 @@ class SphereHead(nn.Module):
         super().__init__()
         self.register_buffer("dirs", torch.as_tensor(dirs, dtype=torch.float32))
         self.linear = nn.Linear(hidden, len(dirs))
+        # each direction's neighbours within the refinement angle (padded with itself, weight 0)
+        close = np.asarray(dirs) @ np.asarray(dirs).T >= REFINE_COS
+        width = int(close.sum(1).max())
+        near = np.tile(np.arange(len(dirs))[:, None], (1, width))
+        use = np.zeros((len(dirs), width), np.float32)
+        for i, row in enumerate(close):
+            idx = np.flatnonzero(row)
+            near[i, :len(idx)], use[i, :len(idx)] = idx, 1.0
+        self.register_buffer("near", torch.as_tensor(near), persistent=False)
+        self.register_buffer("near_use", torch.as_tensor(use), persistent=False)
 
     def forward(self, h):
         return self.linear(h)
@@ -88,8 +98,9 @@ class SphereHead(nn.Module):
             d = self.dirs[k]
         else:
             k = torch.argmax(p, dim=-1)
-            near = (self.dirs[k] @ self.dirs.T) >= REFINE_COS
-            d = (p * near) @ self.dirs
+            nb = self.near[k]                                        # (B, m)
+            w = p.gather(1, nb) * self.near_use[k]
+            d = (w[..., None] * self.dirs[nb]).sum(1)
             d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return d, ok
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .modelfile import InputSpec
 
-_CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-
 
 class VolumeSampler:
-    """A (X, Y, Z[, C]) volume and its voxel -> world affine; ``sampler(points)`` interpolates."""
+    """A (X, Y, Z[, C]) volume and its voxel -> world affine; ``sampler(points)`` interpolates
+    (PyTorch's ``grid_sample``, trilinear, zero outside the grid)."""
 
     def __init__(self, volume, affine, device="cpu"):
         vol = np.asarray(volume, dtype=np.float32)
@@ -27,12 +27,12 @@ class VolumeSampler:
         self.shape = tuple(vol.shape[:3])
         self.channels = vol.shape[3]
         self.device = torch.device(device)
-        self.flat = torch.as_tensor(np.ascontiguousarray(vol.reshape(-1, self.channels)), device=self.device)
+        # (1, C, X, Y, Z): grid_sample's depth, height and width are the voxel axes i, j, k
+        self.volume = torch.as_tensor(np.ascontiguousarray(np.moveaxis(vol, 3, 0))[None], device=self.device)
         inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
         self.rot = torch.as_tensor(inv[:3, :3], dtype=torch.float32, device=self.device)
         self.shift = torch.as_tensor(inv[:3, 3], dtype=torch.float32, device=self.device)
-        self.dims = torch.as_tensor(self.shape, device=self.device)
-        self.strides = torch.as_tensor([self.shape[1] * self.shape[2], self.shape[2], 1], device=self.device)
+        self.dims = torch.as_tensor(self.shape, dtype=torch.float32, device=self.device)
 
     def voxel(self, points):
         return points @ self.rot.T + self.shift
@@ -44,19 +44,10 @@ class VolumeSampler:
 
     def __call__(self, points):
         """(N, 3) world mm -> (N, C)."""
-        v = self.voxel(points)
-        base = torch.floor(v)
-        frac = v - base
-        base = base.long()
-        out = torch.zeros(points.shape[0], self.channels, device=self.device)
-        for corner in _CORNERS:
-            off = torch.as_tensor(corner, device=self.device)
-            idx = base + off
-            w = torch.where(off.bool(), frac, 1.0 - frac).prod(-1)
-            ok = ((idx >= 0) & (idx < self.dims)).all(-1)
-            lin = torch.where(ok, (idx * self.strides).sum(-1), 0)
-            out += (w * ok)[:, None] * self.flat[lin]
-        return out
+        grid = (2.0 * self.voxel(points) / (self.dims - 1).clamp_min(1.0) - 1.0).flip(-1)   # (k, j, i) in [-1, 1]
+        out = F.grid_sample(self.volume, grid[None, None, None], mode="bilinear", padding_mode="zeros",
+                            align_corners=True)
+        return out[0, :, 0, 0].T
 
 
 class SignalFeatures:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
+from ..params import max_points, min_points
 from ..tracking_core import _GOLD, splitmix64, stream_key
 from .sampling import SignalFeatures, VolumeSampler
 
@@ -55,11 +56,11 @@ class LearnedParams:
 
     @property
     def max_points(self) -> int:
-        return int(math.floor(self.max_length / self.step_size + 1e-9)) + 1
+        return max_points(self.max_length, self.step_size)
 
     @property
     def min_points(self) -> int:
-        return max(2, int(math.ceil(self.min_length / self.step_size - 1e-9)) + 1)
+        return min_points(self.min_length, self.step_size)
 
 
 def uniforms(keys: np.ndarray, stream: int, draw: int, n: int = 2) -> np.ndarray:

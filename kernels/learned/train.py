@@ -92,12 +92,14 @@ class TrainResult:
     n_train: int = 0                                 # sequences (streamline x direction)
     n_validation: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0                         # this process's CPU time (all threads)
 
     def summary(self) -> dict:
         return {"Epochs": len(self.history), "BestEpoch": self.best_epoch,
                 "ValidationLoss": round(self.best_loss, 5), "StoppedEarly": self.stopped_early,
                 "TrainingSequences": self.n_train, "ValidationSequences": self.n_validation,
-                "Seconds": round(self.seconds, 1), "PyTorch": torch.__version__}
+                "Seconds": round(self.seconds, 1), "CPUSeconds": round(self.cpu_seconds, 1),
+                "PyTorch": torch.__version__}
 
 
 def resample(streamline, step: float) -> np.ndarray | None:
@@ -268,7 +270,7 @@ def train_tracker(subjects: list[TrainingSubject], *, inputs: InputSpec = InputS
 
     if not subjects:
         raise ParameterError("subjects", "must hold at least one training subject")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(settings.seed)
     device = torch.device(device)
     data = _Sequences(subjects, inputs, settings, device)
@@ -330,7 +332,7 @@ def train_tracker(subjects: list[TrainingSubject], *, inputs: InputSpec = InputS
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_loss=best_loss,
                        stopped_early=stopped, n_train=len(data.train), n_validation=len(data.val),
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
 @torch.no_grad()
