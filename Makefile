@@ -11,6 +11,9 @@ DEMO   ?= demo
 PINS   := -c docker/constraints.txt
 # Numba compiles kernels once and reuses them between processes and runs
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+# PyTorch for the `learn` extra that `test` includes: the CPU build (about 750 MB installed). A bare
+# torch requirement resolves to a CUDA build of several GB on Linux; set TORCH to choose another.
+TORCH  ?= torch==2.13.0
 
 .PHONY: demo test venv clean image sif
 
@@ -38,7 +41,7 @@ demo: $(BIN)/python
 	@echo "  group outputs      : $(DEMO)/derivatives/group/  (report: $(DEMO)/derivatives/group/report.html)"
 
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(PINS) -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(PINS) -e ".[test]" "$(TORCH)"
 	$(BIN)/tractoscale install-viewer || echo "warning: niivue not installed (needs npm): report tests check reports without the 3D view"
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q
 

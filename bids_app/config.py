@@ -35,13 +35,15 @@ LEVELS = ("participant", "group")
 ODF_MODELS = ("csa", "opdt", "csd")
 GRADIENT_CHECKS = ("auto", "warn", "off")
 DEVICES = ("auto", "cpu", "cuda")
-TRACKING_METHODS = ALGORITHMS + ("none",)
+LEARNED = "learned"                           # a network from `tractoscale train-tracker`
+TRACKING_METHODS = ALGORITHMS + (LEARNED, "none")
+LEARNED_DIRECTIONS = ("max", "sample")
 STOP_RULES = ("auto", "fod", "fa", "gfa", "mask", "act", "cmc")
 SEEDINGS = ("wm", "interface", "brain")
 TRACTOGRAM_FORMATS = ("trx", "tck", "trk")   # in order of preference (BEP046 *_tractogram.<ext>)
 SEG_METHODS = ("ot", "centroid")
 SEG_TRANSFORMS = ("auto", "tbss", "affine", "none")
-SEG_TRACKS = ("prob", "ptt", "det", "boot")   # the tractogram segmented by default: first present
+SEG_TRACKS = ("prob", "ptt", "det", "boot", LEARNED)   # the tractogram segmented by default: first present
 OT_REACH, OT_REACH_DEMO = 20.0, 5.0           # mm; the demo phantom is about half brain size
 
 _DEFAULT_TRACK = TrackParams()
@@ -234,7 +236,8 @@ class Tracking(OptionGroup):
     title: ClassVar[str] = "tractography"
 
     algorithm: str = option(
-        _DEFAULT_TRACK.algorithm, "tracking algorithm, or none to skip tractography",
+        _DEFAULT_TRACK.algorithm, "tracking algorithm (learned: a network trained with 'tractoscale "
+                                  "train-tracker', see --tracking-model), or none to skip tractography",
         flags=("--tracking",), choices=TRACKING_METHODS)
     n_seeds: int | None = option(
         None, "N seeds placed at random in the seed mask", type=int, metavar="N", exclusive="seeds",
@@ -249,7 +252,8 @@ class Tracking(OptionGroup):
         "wm", "seed region when no --seed-mask: wm (FA > 0.25 in the brain mask), interface (WM voxels "
               "touching GM), brain (whole mask)", choices=SEEDINGS)
     step_size: float | None = option(
-        None, "step size in mm (default: half the smallest voxel size)", type=float, metavar="MM")
+        None, "step size in mm (default: half the smallest voxel size; with --tracking learned, the model's "
+              "own)", type=float, metavar="MM")
     max_angle: float = option(
         _DEFAULT_TRACK.max_angle, "maximum angle between steps in degrees", type=float,
         metavar="DEG")
@@ -261,7 +265,8 @@ class Tracking(OptionGroup):
     stop_method: str = option(
         "auto", "stopping criterion: fod (FA above --stop-threshold and fibre-ODF peak amplitude above "
                 "--fod-cutoff; CSD only), FA or GFA threshold, brain mask, or anatomical (ACT / CMC from "
-                "WM/GM/CSF maps); auto: fod with --odf-model csd, fa with csa/opdt", choices=STOP_RULES)
+                "WM/GM/CSF maps); auto: fod with --odf-model csd, fa with csa/opdt or --tracking learned",
+        choices=STOP_RULES)
     stop_threshold: float = option(
         _DEFAULT_TRACK.stop_threshold, "FA (or GFA) threshold for --stop-method fod/fa/gfa", type=float,
         metavar="T")
@@ -282,6 +287,12 @@ class Tracking(OptionGroup):
     tractogram_format: str = option(
         "trx", "tractogram file format", choices=TRACTOGRAM_FORMATS)
     float16: bool = option(False, "store TRX positions as float16 (half the size)", action="store_true")
+    tracking_model: Path | None = option(
+        None, "model file of --tracking learned (written by 'tractoscale train-tracker'); its step size "
+              "is used", type=Path, metavar="FILE", check=existing_file)
+    learned_direction: str = option(
+        "max", "--tracking learned: follow the model's most probable direction (max) or draw one from its "
+               "distribution (sample, with --rng-seed)", choices=LEARNED_DIRECTIONS)
 
     odf_mode: ClassVar[str] = "auto"
     sphere: ClassVar[str] = "repulsion724"
@@ -289,9 +300,23 @@ class Tracking(OptionGroup):
     def validate(self):
         try:
             step = _DEFAULT_TRACK.step_size if self.step_size is None else self.step_size
-            self.kernel_params(step_size=step, algorithm=self.algorithm if self.enabled else "prob")
+            self.kernel_params(step_size=step, algorithm=self.algorithm if self.uses_kernels else "prob")
         except ParameterError as exc:
             raise option_error(exc.name, exc.problem) from None
+        if self.learned:
+            if self.tracking_model is None:
+                raise UsageError("--tracking learned needs --tracking-model FILE (a model from "
+                                 "'tractoscale train-tracker')")
+            if self.stop_method not in ("auto", "fa", "gfa", "mask"):
+                raise option_error("stop_method", f"{self.stop_method} is not available with --tracking learned "
+                                                  "(use auto, fa, gfa or mask)")
+            if self.step_size is not None:
+                raise option_error("step_size", "is set by the model with --tracking learned; leave it out")
+            if self.max_cross != 1:
+                raise option_error("max_cross", "applies to the ODF trackers; --tracking learned tracks one "
+                                                "streamline per seed")
+        elif self.tracking_model is not None:
+            raise option_error("tracking_model", "needs --tracking learned")
         if self.stop_method in ("auto", "fod", "fa", "gfa") and not 0 <= self.stop_threshold < 1:
             raise option_error("stop_threshold", f"must be in [0, 1) for {self.stop_method} "
                                                  f"(got {self.stop_threshold})")
@@ -308,7 +333,16 @@ class Tracking(OptionGroup):
         """``--stop-method`` with ``auto`` resolved for the ODF model."""
         if self.stop_method != "auto":
             return self.stop_method
-        return "fod" if odf_model == "csd" else "fa"
+        return "fod" if odf_model == "csd" and not self.learned else "fa"
+
+    @property
+    def learned(self) -> bool:
+        return self.algorithm == LEARNED
+
+    @property
+    def uses_kernels(self) -> bool:
+        """Tracking with the ODF kernels (prob, det, ptt, boot), not a learned model."""
+        return self.enabled and not self.learned
 
     @property
     def extension(self) -> str:
@@ -326,6 +360,13 @@ class Tracking(OptionGroup):
         if d["n_seeds"] is None and d["seeds_per_voxel"] is None:
             d["seeds_per_voxel"] = 1
         d["seed_mask"] = Path(self.seed_mask).name if self.seed_mask is not None else None   # content: a stage input
+        if self.learned:    # the model file's content is a stage input; ODF settings play no part
+            d["tracking_model"] = Path(self.tracking_model).name
+            for name in ("pmf_threshold", "max_cross", "step_size"):
+                d.pop(name)
+            return d
+        d.pop("tracking_model")
+        d.pop("learned_direction")
         d.update(odf_mode=self.odf_mode, sphere=self.sphere)
         return d
 
@@ -395,7 +436,7 @@ class Segmentation(OptionGroup):
         choices=SEG_TRANSFORMS)
     seg_track: str = option(
         "auto", "which participant tractogram to segment (default: the first present in the order "
-                "prob, ptt, det, boot)", choices=("auto",) + SEG_TRACKS)
+                "prob, ptt, det, boot, learned)", choices=("auto",) + SEG_TRACKS)
     ot_blur: float = option(
         3.0, "smallest distance scale of the transport in mm (the final entropic blur)", type=float,
         metavar="MM", check=positive)
@@ -571,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="BIDS App for diffusion MRI: DTI and ODF model maps, GPU/CPU tractography, "
                     "TBSS-style group statistics and atlas-based bundle segmentation.",
         epilog="Also: 'tractoscale demo-data OUT' writes the built-in demo dataset "
-               "('tractoscale demo-data --help').")
+               "('tractoscale demo-data --help'); 'tractoscale train-tracker MODEL ...' trains a learned "
+               "tracker for --tracking learned ('tractoscale train-tracker --help').")
     p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where derivatives are written (created if missing)")
     p.add_argument("analysis_level", help="'participant' (one subject at a time; parallel runs are safe) "

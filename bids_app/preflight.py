@@ -2,8 +2,10 @@
 
 :class:`~bids_app.config.Config` already guarantees value ranges and combinations; this adds what
 needs the machine or the file system: the requested device, the TBSS target and template, the
-statistics columns, the bundle atlas.  Each failure is a :class:`UsageError` (exit 64) naming the
-flag, raised within a second or two and before anything is written.
+statistics columns, the bundle atlas, the learned tracker's model file.  Each failure is a
+:class:`UsageError` (exit 64) naming the flag, or an :class:`~bids_app.errors.InputDataError` (exit 65)
+for a model file whose content is unusable, raised within a second or two and before anything is
+written.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from .errors import TractoscaleError, UsageError
 def preflight(config: Config) -> None:
     check_device(config)
     check_memory(config)
+    if config.analysis_level == "participant":
+        check_tracking_model(config)
     if config.analysis_level == "group":
         check_tbss(config)
         check_segmentation(config)
@@ -43,6 +47,19 @@ def check_memory(config: Config) -> None:
     if mem is not None and total > 0 and mem > total:
         raise UsageError(f"--mem {config.resources.mem:g} GB is more than this machine's "
                          f"{total / (1 << 30):.0f} GB of memory (--mem is in GB)")
+
+
+def check_tracking_model(config: Config) -> None:
+    """``--tracking learned``: PyTorch installed, the model file a complete tractoscale tracker."""
+    if not config.tracking.learned:
+        return
+    from .learned import check_model_file, require_learn_extra
+    require_learn_extra()
+    check_model_file(config.tracking.tracking_model)
+    if config.resources.device == "cuda":        # PyTorch's view of the GPU (a CPU-only build sees none)
+        from kernels.learned.api import torch_device
+        with flag_errors("cuda"):
+            torch_device("cuda")
 
 
 def _as_usage(exc: TractoscaleError) -> UsageError:

@@ -206,10 +206,12 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
     """Track one DWI run and write ``out_path`` (+ JSON sidecar); return run statistics."""
     from kernels.api import TrackingRun
 
-    from .trx_writer import TrxStreamWriter
-
     if not opts.enabled:
         raise ValueError("tracking is disabled (--tracking none)")
+    if opts.learned:
+        from .learned import track_learned_run
+        return track_learned_run(opts, maps, out_path, device=device, nthreads=nthreads, progress=progress,
+                                 sidecar=sidecar)
     check_algorithm_model(opts.algorithm, maps.odf_model)
     affine = np.asarray(maps.affine, dtype=np.float64)
     mask = np.asarray(maps.mask, dtype=bool)
@@ -236,18 +238,8 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
     log.info("tracking %s on %s: %d seeds in %s, step %.3g mm, chunks of %d, ODF as %s",
              opts.algorithm, run.device, seeder.total, seed_desc, step, chunk, data.odf_mode)
 
-    dps = {"seed_index": ("int64", 1), "length": ("float32", 1), "seed": ("float32", 3)}
-    n_streamlines = n_points = 0
-    t_track = time.perf_counter()
-    with TrxStreamWriter(out_path, affine, mask.shape, dps=dps, float16=opts.float16,
-                         fmt=opts.tractogram_format) as writer:
-        for ch in run.chunks(chunk, progress=progress):
-            lengths_mm = ((ch.lengths - 1) * step).astype(np.float32)
-            writer.append(ch.positions, ch.lengths, dps={"seed_index": ch.seed_index, "length": lengths_mm,
-                                                         "seed": ch.seed_points})
-            n_streamlines += len(ch.lengths)
-            n_points += len(ch.positions)
-        track_seconds = time.perf_counter() - t_track
+    n_streamlines, n_points, track_seconds = write_chunks(run.chunks(chunk, progress=progress), out_path, opts,
+                                                          affine, mask.shape, step)
     seconds = time.perf_counter() - t0
 
     stats = {"n_seeds": seeder.total, "n_streamlines": n_streamlines, "n_points": n_points,
@@ -261,18 +253,30 @@ def track_run(opts: Tracking, maps: RunMaps, out_path: Path, *, device: str = "a
     return stats
 
 
+def write_chunks(chunks, out_path: Path, opts: Tracking, affine, shape, step: float):
+    """Stream chunks of streamlines into ``out_path``; returns (streamlines, points, seconds)."""
+    from .trx_writer import TrxStreamWriter
+
+    dps = {"seed_index": ("int64", 1), "length": ("float32", 1), "seed": ("float32", 3)}
+    n_streamlines = n_points = 0
+    t0 = time.perf_counter()
+    with TrxStreamWriter(out_path, affine, shape, dps=dps, float16=opts.float16,
+                         fmt=opts.tractogram_format) as writer:
+        for ch in chunks:
+            lengths_mm = ((ch.lengths - 1) * step).astype(np.float32)
+            writer.append(ch.positions, ch.lengths, dps={"seed_index": ch.seed_index, "length": lengths_mm,
+                                                         "seed": ch.seed_points})
+            n_streamlines += len(ch.lengths)
+            n_points += len(ch.positions)
+        seconds = time.perf_counter() - t0
+    return n_streamlines, n_points, seconds
+
+
 def _bep046_sidecar(opts: Tracking, data, stopping, seed_desc, seeder, stats, maps: RunMaps) -> dict:
     p = data.params
-    seeding = {"Region": seed_desc, "NumberOfSeeds": stats["n_seeds"],
-               "Placement": ("uniform random within each voxel, "
-                             + (f"{seeder.per_voxel} per voxel" if seeder.per_voxel
-                                else "voxels drawn at random")),
-               "InitialDirections": ("ODF peaks at the seed (relative threshold "
-                                     f"{p.rel_peak_threshold}, min separation "
-                                     f"{p.min_separation_angle} deg), up to {p.max_cross}"),
-               "Bidirectional": True}
-    if seeder.per_voxel:
-        seeding["SeedsPerVoxel"] = seeder.per_voxel
+    seeding = seeding_description(seed_desc, seeder, stats["n_seeds"], (
+        "ODF peaks at the seed (relative threshold "
+        f"{p.rel_peak_threshold}, min separation {p.min_separation_angle} deg), up to {p.max_cross}"))
     propagation = {"Algorithm": ALGORITHM_NAMES[p.algorithm], "Model": maps.odf_model.upper(),
                    "SphericalHarmonicOrder": int(maps.sh_order), "StepSize": p.step_size,
                    "StepSizeUnit": "mm", "MaxAngle": p.max_angle,
@@ -296,16 +300,34 @@ def _bep046_sidecar(opts: Tracking, data, stopping, seed_desc, seeder, stats, ma
                   "MaximumLengthRule": "tracking stops when the joined streamline reaches it"}
     if stopping["method"] in ("act", "cmc"):
         acceptance["AnatomicalConstraint"] = "both ends must stop in the include map (or leave the image)"
+    return sidecar_document(opts, stats, f"Whole-brain tractography ({ALGORITHM_NAMES[p.algorithm]})",
+                            seeding, propagation, stopping["desc"], acceptance, p.step_size, p.rng_seed)
+
+
+def seeding_description(seed_desc: str, seeder, n_seeds: int, initial: str) -> dict:
+    seeding = {"Region": seed_desc, "NumberOfSeeds": n_seeds,
+               "Placement": ("uniform random within each voxel, "
+                             + (f"{seeder.per_voxel} per voxel" if seeder.per_voxel
+                                else "voxels drawn at random")),
+               "InitialDirections": initial, "Bidirectional": True}
+    if seeder.per_voxel:
+        seeding["SeedsPerVoxel"] = seeder.per_voxel
+    return seeding
+
+
+def sidecar_document(opts: Tracking, stats: dict, description: str, seeding: dict, propagation: dict,
+                     termination: dict, acceptance: dict, step: float, rng_seed: int) -> dict:
+    """The BEP046 tractogram sidecar, with the run's timings and counts."""
     return {
-        "Description": f"Whole-brain tractography ({ALGORITHM_NAMES[p.algorithm]})",
+        "Description": description,
         "StreamlineSeeding": seeding,
         "StreamlinePropagation": propagation,
-        "StreamlineTermination": stopping["desc"],
+        "StreamlineTermination": termination,
         "StreamlineAcceptanceCriteria": acceptance,
-        "StepSize": p.step_size,
+        "StepSize": step,
         "NumberOfSeeds": stats["n_seeds"],
         "NumberOfStreamlines": stats["n_streamlines"],
-        "RandomSeed": p.rng_seed,
+        "RandomSeed": rng_seed,
         "Device": stats["device"],
         "TrackingTime": stats["tracking_seconds"],
         "TotalTime": stats["seconds"],

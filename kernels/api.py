@@ -29,7 +29,7 @@ from .device import check_gpus, select_device
 from .errors import ParameterError
 from .frames import USUAL_LEGACY, convert_sh
 
-__all__ = ["track", "TrackingRun"]
+__all__ = ["track", "TrackingRun", "make_seeder", "threshold_map", "to_tractogram"]
 
 
 class TrackingRun:
@@ -68,7 +68,7 @@ class TrackingRun:
         self.data = engine.prepare(sh=internal, affine=self.affine, params=params, mask=mask,
                                    odf_mode=odf_mode, sphere=sphere, memory_budget=memory_budget,
                                    bootstrap=bootstrap, **stop_kw)
-        self.seeder = self._seeder(seeds, n_seeds, seeds_per_voxel, params.rng_seed)
+        self.seeder = make_seeder(seeds, self.shape, self.affine, n_seeds, seeds_per_voxel, params.rng_seed)
         self.memory_budget = memory_budget
         self._tracker = None
 
@@ -82,36 +82,9 @@ class TrackingRun:
             return {"include_map": include_map, "exclude_map": exclude_map}, params
         if stopping is None:
             raise ParameterError("stopping", "is required: a mask, a scalar map, or include/exclude maps")
-        stopping = np.asarray(stopping)
-        if stopping.shape != self.shape:
-            raise ParameterError("stopping", f"has shape {stopping.shape}, the ODF {self.shape}")
-        if stopping.dtype == bool:
-            stop_map, threshold = stopping.astype(np.float32), 0.5
-        else:
-            if stop_threshold is None:
-                raise ParameterError("stop_threshold", "is required with a scalar stopping map")
-            stop_map, threshold = np.nan_to_num(stopping.astype(np.float32)), float(stop_threshold)
+        stop_map, threshold = threshold_map(stopping, stop_threshold, self.shape)
         params = dataclasses.replace(params, stop_method="threshold", stop_threshold=threshold)
         return {"stop_map": stop_map}, params
-
-    def _seeder(self, seeds, n_seeds, per_voxel, rng_seed):
-        seeds = np.asarray(seeds)
-        if seeds.dtype == bool:
-            if seeds.shape != self.shape:
-                raise ParameterError("seeds", f"mask has shape {seeds.shape}, the ODF {self.shape}")
-            if not seeds.any():
-                raise ParameterError("seeds", "mask is empty")
-            if n_seeds is None and per_voxel is None:
-                per_voxel = 1
-            if n_seeds is not None and per_voxel is not None:
-                raise ParameterError("n_seeds", "and seeds_per_voxel exclude each other")
-            for name, v in (("n_seeds", n_seeds), ("seeds_per_voxel", per_voxel)):
-                if v is not None and v < 1:
-                    raise ParameterError(name, f"must be >= 1 (got {v})")
-            return engine.MaskSeeder(seeds, n_seeds=n_seeds, per_voxel=per_voxel, rng_seed=rng_seed)
-        if seeds.ndim != 2 or seeds.shape[1] != 3:
-            raise ParameterError("seeds", "must be world points (N, 3) in mm or a boolean mask")
-        return engine.PointSeeder(seeds, affine=self.affine)
 
     # ------------------------------------------------------------------ running
     @property
@@ -135,26 +108,68 @@ class TrackingRun:
     def tractogram(self, chunk_size: int | None = None, progress: bool = False):
         """Every streamline in memory, as a dipy ``StatefulTractogram`` in RAS+ mm, with the seed
         index and seed point of each streamline as data per streamline."""
-        from dipy.io.stateful_tractogram import Space, StatefulTractogram
-        from nibabel.streamlines import ArraySequence
+        return to_tractogram(self.chunks(chunk_size, progress), self.affine, self.shape)
 
-        pos, lengths, index, seed_pts = [], [], [], []
-        for ch in self.chunks(chunk_size, progress):
-            pos.append(ch.positions)
-            lengths.append(ch.lengths)
-            index.append(ch.seed_index)
-            seed_pts.append(ch.seed_points)
-        seq = ArraySequence()
-        if pos:
-            seq._data = np.concatenate(pos).astype(np.float32)
-            seq._lengths = np.concatenate(lengths).astype(np.int64)
-            seq._offsets = np.concatenate([[0], np.cumsum(seq._lengths)[:-1]]).astype(np.int64)
-        vs = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        import nibabel as nib
-        reference = (self.affine, np.array(self.shape), vs, "".join(nib.aff2axcodes(self.affine)))
-        dps = {"seed_index": np.concatenate(index) if index else np.zeros(0, np.int64),
-               "seed": np.concatenate(seed_pts) if seed_pts else np.zeros((0, 3), np.float32)}
-        return StatefulTractogram(seq, reference, Space.RASMM, data_per_streamline=dps)
+
+def make_seeder(seeds, shape, affine, n_seeds=None, per_voxel=None, rng_seed=0):
+    """A seeder from a boolean mask on the grid (``n_seeds`` at random or ``per_voxel`` in every
+    voxel, 1 per voxel by default) or from world points (N, 3) in mm."""
+    seeds = np.asarray(seeds)
+    if seeds.dtype == bool:
+        if seeds.shape != tuple(shape):
+            raise ParameterError("seeds", f"mask has shape {seeds.shape}, the image {tuple(shape)}")
+        if not seeds.any():
+            raise ParameterError("seeds", "mask is empty")
+        if n_seeds is None and per_voxel is None:
+            per_voxel = 1
+        if n_seeds is not None and per_voxel is not None:
+            raise ParameterError("n_seeds", "and seeds_per_voxel exclude each other")
+        for name, v in (("n_seeds", n_seeds), ("seeds_per_voxel", per_voxel)):
+            if v is not None and v < 1:
+                raise ParameterError(name, f"must be >= 1 (got {v})")
+        return engine.MaskSeeder(seeds, n_seeds=n_seeds, per_voxel=per_voxel, rng_seed=rng_seed)
+    if seeds.ndim != 2 or seeds.shape[1] != 3:
+        raise ParameterError("seeds", "must be world points (N, 3) in mm or a boolean mask")
+    return engine.PointSeeder(seeds, affine=affine)
+
+
+def threshold_map(stopping, stop_threshold, shape):
+    """(float32 map, threshold): a boolean mask (track while inside: threshold 0.5) or a scalar
+    map with ``stop_threshold`` (track while above it)."""
+    stopping = np.asarray(stopping)
+    if stopping.shape != tuple(shape):
+        raise ParameterError("stopping", f"has shape {stopping.shape}, the image {tuple(shape)}")
+    if stopping.dtype == bool:
+        return stopping.astype(np.float32), 0.5
+    if stop_threshold is None:
+        raise ParameterError("stop_threshold", "is required with a scalar stopping map")
+    return np.nan_to_num(stopping.astype(np.float32)), float(stop_threshold)
+
+
+def to_tractogram(chunks, affine, shape):
+    """Chunks (:class:`kernels.engine.Chunk`) gathered into a dipy ``StatefulTractogram`` (RAS+ mm)
+    with ``seed_index`` and ``seed`` as data per streamline."""
+    import nibabel as nib
+    from dipy.io.stateful_tractogram import Space, StatefulTractogram
+    from nibabel.streamlines import ArraySequence
+
+    pos, lengths, index, seed_pts = [], [], [], []
+    for ch in chunks:
+        pos.append(ch.positions)
+        lengths.append(ch.lengths)
+        index.append(ch.seed_index)
+        seed_pts.append(ch.seed_points)
+    seq = ArraySequence()
+    if pos:
+        seq._data = np.concatenate(pos).astype(np.float32)
+        seq._lengths = np.concatenate(lengths).astype(np.int64)
+        seq._offsets = np.concatenate([[0], np.cumsum(seq._lengths)[:-1]]).astype(np.int64)
+    affine = np.asarray(affine, dtype=np.float64)
+    vs = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    reference = (affine, np.array(shape), vs, "".join(nib.aff2axcodes(affine)))
+    dps = {"seed_index": np.concatenate(index) if index else np.zeros(0, np.int64),
+           "seed": np.concatenate(seed_pts) if seed_pts else np.zeros((0, 3), np.float32)}
+    return StatefulTractogram(seq, reference, Space.RASMM, data_per_streamline=dps)
 
 
 def track(sh, affine, *, basis: str, frame: str, seeds, **kwargs):

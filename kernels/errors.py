@@ -17,3 +17,17 @@ class ParameterError(ValueError):
 
 class DeviceError(RuntimeError):
     """The requested compute device cannot be used."""
+
+
+class DataError(ValueError):
+    """The data cannot serve the request (e.g. too few gradient directions for a model's SH order)."""
+
+
+class ModelFileError(ValueError):
+    """A learned-tracker model file is unreadable, truncated or not a tractoscale model.
+    ``path`` is the file, ``problem`` what is wrong with it."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")

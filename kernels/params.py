@@ -71,11 +71,21 @@ class TrackParams:
 
     @property
     def max_points(self) -> int:
-        return int(math.floor(self.max_length / self.step_size + 1e-9)) + 1
+        return max_points(self.max_length, self.step_size)
 
     @property
     def min_points(self) -> int:
-        return max(2, int(math.ceil(self.min_length / self.step_size - 1e-9)) + 1)
+        return min_points(self.min_length, self.step_size)
+
+
+def max_points(max_length: float, step_size: float) -> int:
+    """Points of a streamline of ``max_length`` mm (the seed included) at ``step_size`` mm per step."""
+    return int(math.floor(max_length / step_size + 1e-9)) + 1
+
+
+def min_points(min_length: float, step_size: float) -> int:
+    """The fewest points a streamline of at least ``min_length`` mm has (two at least)."""
+    return max(2, int(math.ceil(min_length / step_size - 1e-9)) + 1)
 
 
 

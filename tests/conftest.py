@@ -12,6 +12,9 @@ from pathlib import Path
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# PyTorch's OpenMP threads sleep when idle (spinning ones slow the learned-tracker tests down many
+# times over on a shared machine); read when PyTorch loads, as the app sets it (bids_app.learned)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 

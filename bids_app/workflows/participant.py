@@ -2,7 +2,8 @@
 
 1. ``dti``: brain mask, mean b=0, FA/MD/AD/RD, tensor, colour-FA
 2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT)
-3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none``
+3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none`` (``learned``: a
+   trained network, :mod:`bids_app.learned`)
 4. ``qc``: the QC figure, drawn from what the other stages wrote
 5. ``report``: the HTML report ``output_dir/<run>.html`` (:mod:`bids_app.reports`), from the files on disk
 
@@ -315,6 +316,8 @@ def write_tractogram(run: RunData, stage: Stage, config: Config, tissue_files: d
         from ..models import shell_selection, shells
         sel = shell_selection(run.dwi.bvals, shells(run.dwi.bvals)[:1])
         dwi, gtab = run.dwi.grid(run.dwi.signal[:, sel]), run.dwi.gtab(sel)
+    elif opts.learned:             # the network reads the whole signal (resampled to its SH order)
+        dwi, gtab = run.dwi.grid(run.dwi.signal), run.dwi.gtab()
     run.release_dwi()              # tracking never needs the whole DWI
     maps = RunMaps(affine=nib.load(str(run.out.mask)).affine, mask=run.mask, fa=run.fa, sh=sh, sh_frame="world",
                    sh_order=sh_order, odf_model=config.models.odf_model, gfa=gfa,
@@ -379,6 +382,8 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
         extra += list((tissue_files or {}).values())
         if opts.algorithm == "boot":
             extra += list(raw)
+        if opts.learned:
+            extra += [opts.tracking_model, *raw]      # the model's content and the signal it reads
         trk = Stage(f"{label}_track-{opts.algorithm}", outputs=_with_sidecars([out.tractogram]),
                     record_dir=out.records, files=tuple(extra), upstream=(dti, odf),
                     params={"Stage": "tracking", **opts.parameters(), "ODF": model})
@@ -414,6 +419,9 @@ def process_run(inp: DwiInput, config: Config) -> str:
     steps = participant_stages(inp, config, out, run)
     if config.execution.reports_only:   # the report alone, from what is on disk
         steps = [(st, work) for st, work in steps if st.key.endswith("_report")]
+    if opts.learned:     # the data must feed the model before anything of this run is computed
+        from ..learned import check_model_file, check_run
+        check_run(inp.bval, check_model_file(opts.tracking_model))
     force = config.execution.force or config.execution.reports_only
     if not plan(steps, force=force):
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
