@@ -127,7 +127,7 @@ def load_pair(dwi_path: Path, tract_path: Path, order: int, shell: float | None)
     from kernels.learned.signal import pick_shell, shell_volumes, signal_sh
     from kernels.learned.train import TrainingSubject
 
-    from .inputs import compute_mask, load_dwi
+    from .inputs import load_dwi
     from .learned import model_errors
     for f in (dwi_path, tract_path):
         if not Path(f).is_file():
@@ -136,8 +136,8 @@ def load_pair(dwi_path: Path, tract_path: Path, order: int, shell: float | None)
     for f in (bval, bvec):
         if not f.is_file():
             raise NoInputError(f"{f} (the gradient table of {dwi_path.name}) does not exist")
-    dwi = load_dwi(dwi_path, bval, bvec)
-    mask = compute_mask(dwi)
+    dwi = load_dwi(dwi_path, bval, bvec, mask="auto")     # the signal of the brain voxels
+    mask = dwi.mask
     with model_errors(dwi_path.name):
         used = pick_shell(dwi.bvals, shell)
         signal = signal_sh(dwi.data, dwi.bvals, dwi.bvecs, dwi.affine, frame="voxel", sh_order=order,

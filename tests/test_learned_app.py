@@ -116,7 +116,7 @@ def test_model_transfers_to_an_oblique_grid_and_another_gradient_table(trained):
     from bids_app.demo import demo_grid, make_gradients, simulate_subject
     from bids_app.demo.scoring import score
     from kernels.learned import track_learned
-    shape, aff = demo_grid("small", orientation="LPS", zooms=(2.5, 2.0, 3.0), oblique_deg=(10.0, -15.0, 20.0))
+    shape, aff = demo_grid("small", orientation="LPS", zooms=(2.5, 2.0, 3.0), oblique_deg=(25.0, -20.0, 30.0))
     bvals, bvecs = make_gradients(n_directions=48, seed=9)
     sub = simulate_subject(shape=shape, affine=aff, bvals=bvals, bvecs_voxel=bvecs, seed=4003)
     mask = sub.brain_mask
@@ -129,7 +129,8 @@ def test_model_transfers_to_an_oblique_grid_and_another_gradient_table(trained):
         return score(list(sft.streamlines), sub.bundle_masks, aff, truth)
 
     good, wrong = run("voxel"), run("world")
-    # measured: inside 1.00, every bundle >= 0.9 covered, median angle ~4 deg; wrong frame: ~20 deg
+    # measured: inside 1.00, every bundle >= 0.98 covered, median angle 3.9 deg; wrong frame: 11.6 deg
+    # (with 10/-15/20 degrees of obliquity the wrong frame gave only 7.3 deg: too close to tell)
     assert good["n"] > 500 and good["inside_dilated"] >= 0.9, good
     assert min(good["coverage"].values()) > 0.7 and good["angle"] < 8, good
     assert wrong["angle"] > 2 * good["angle"], (good["angle"], wrong["angle"])
