@@ -211,6 +211,8 @@ def write_participant_report(out, output_dir: Path, *, bval: Path | None = None,
     # ---------------------------------------------------------------- warnings, parameters
     logs = records.run_logs(output_dir / "logs", label, list(recs.values()))
     ctx["warnings"] = records.log_warnings(logs)
+    # a downgrade the run also logged is listed once (the log line, with its time)
+    ctx["notes"] = [n for n in notes if not any(n["message"] in w["message"] for w in ctx["warnings"])]
     ctx["logs"] = [_rel(p, output_dir) for p in logs]
     ctx["missing"] = sections_missing
     ctx["parameters"] = [{"stage": name, "rows": records.flatten(rec.get("params", {})),
