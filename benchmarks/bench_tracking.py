@@ -3,7 +3,9 @@ GPUStreamlines (``cuslines``, when installed and a GPU is present).
 
 Runs every tracker on the same demo subject, the same seeds and the same settings (probabilistic,
 step, max angle 30 deg, PMF threshold 0.1, FA > 0.1 stopping, 10-250 mm), each in its own
-process so that peak memory is its own, and prints seeds/s, streamlines/s, peak RSS and ratios.
+process so that peak memory is its own, and prints seeds/s, streamlines/s, peak RSS and ratios
+(of wall time, and of CPU time: all threads' user + system seconds, which a shared, busy machine
+disturbs less than wall time).
 "tractoscale cpu" times the chunk loop on prepared arrays (streaming to a TRX file); "tractoscale
 stage" times the participant pipeline's whole tracking call (``bids_app.tracking.track_run``:
 ODF table, seeding, tracking, TRX and sidecar) on the same seeds (its WM seed mask is the
@@ -71,6 +73,14 @@ def prepare_inputs(size: str, per_voxel: int, n_seeds: int | None, work: Path) -
 
 
 # ----------------------------------------------------------------------------- workers
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its finished children (tckgen): on a
+    shared machine a ratio of CPU time is a steadier measure of work than one of wall time."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -109,9 +119,9 @@ def worker_ours(inputs: Path, device: str, out_dir: Path) -> dict:
     for _ in iter_chunks(tracker, warm, 256):  # compile / load the cache outside the timing
         pass
     base = _rss_mb()
-    dt = float("inf")
+    dt = cpu = float("inf")
     for _ in range(REPEAT):  # best of REPEAT: the machine may be shared
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         n_sl = n_pts = 0
         with TrxStreamWriter(out_dir / f"ours_{device}.trx", aff, d["mask"].shape) as w:
             for ch in iter_chunks(tracker, seeds, None):
@@ -119,7 +129,8 @@ def worker_ours(inputs: Path, device: str, out_dir: Path) -> dict:
                 n_sl += len(ch.lengths)
                 n_pts += len(ch.positions)
         dt = min(dt, time.perf_counter() - t0)
-    return dict(name=f"tractoscale {device}", seconds=dt, n_seeds=seeds.total,
+        cpu = min(cpu, _cpu_seconds() - c0)
+    return dict(name=f"tractoscale {device}", seconds=dt, cpu_seconds=cpu, n_seeds=seeds.total,
                 n_streamlines=n_sl, n_points=n_pts, peak_rss_mb=_peak_mb(),
                 tracking_rss_mb=_peak_mb() - base, odf_mode=data.odf_mode,
                 chunk=tracker.auto_chunk_size())
@@ -136,12 +147,13 @@ def worker_stage(inputs: Path, out_dir: Path) -> dict:
     kw = dict(step_size=float(d["step"]), rng_seed=1, stop_method="fa", seeding="wm", **SETTINGS)
     track_run(Tracking(n_seeds=256, **kw), maps, out_dir / "stage_warm.trx", device="cpu", progress=False)
     base = _rss_mb()
-    dt = float("inf")
+    dt = cpu = float("inf")
     for _ in range(REPEAT):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         stats = track_run(Tracking(**seeds, **kw), maps, out_dir / "stage.trx", device="cpu", progress=False)
         dt = min(dt, time.perf_counter() - t0)
-    return dict(name="tractoscale stage (track_run, cpu)", seconds=dt, n_seeds=stats["n_seeds"],
+        cpu = min(cpu, _cpu_seconds() - c0)
+    return dict(name="tractoscale stage (track_run, cpu)", seconds=dt, cpu_seconds=cpu, n_seeds=stats["n_seeds"],
                 n_streamlines=stats["n_streamlines"], n_points=stats["n_points"], peak_rss_mb=_peak_mb(),
                 tracking_rss_mb=_peak_mb() - base)
 
@@ -160,9 +172,9 @@ def worker_dipy(inputs: Path, threads: int) -> dict:
               pmf_threshold=SETTINGS["pmf_threshold"], nbr_threads=threads, random_seed=1)
     list(probabilistic_tracking(d["seeds_world"][:256], stop, d["affine"], **kw))  # warm-up
     base = _rss_mb()
-    dt = float("inf")
+    dt = cpu = float("inf")
     for _ in range(REPEAT):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         sls = probabilistic_tracking(d["seeds_world"], stop, d["affine"], **kw)
         n_sl = n_pts = 0
         for s in sls:
@@ -170,7 +182,8 @@ def worker_dipy(inputs: Path, threads: int) -> dict:
             n_pts += len(s)
         del sls
         dt = min(dt, time.perf_counter() - t0)
-    return dict(name=f"DIPY probabilistic_tracking ({threads} threads)", seconds=dt,
+        cpu = min(cpu, _cpu_seconds() - c0)
+    return dict(name=f"DIPY probabilistic_tracking ({threads} threads)", seconds=dt, cpu_seconds=cpu,
                 n_seeds=len(d["seeds_world"]), n_streamlines=n_sl, n_points=n_pts,
                 peak_rss_mb=_peak_mb(), tracking_rss_mb=_peak_mb() - base)
 
@@ -206,14 +219,15 @@ def worker_cuslines(inputs: Path) -> dict:
                           SETTINGS["stop_threshold"], default_sphere.vertices, default_sphere.edges,
                           **kw) as tracker:
         tracker.generate_sft(seeds_vox[:256], ref)  # warm-up
-        dt = float("inf")
+        dt = cpu = float("inf")
         for _ in range(REPEAT):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             sft = tracker.generate_sft(seeds_vox, ref)
             n_sl = len(sft.streamlines)
             n_pts = int(sum(len(s) for s in sft.streamlines))
             dt = min(dt, time.perf_counter() - t0)
-    return dict(name="GPUStreamlines cuslines (1 GPU)", seconds=dt, n_seeds=len(seeds_vox),
+            cpu = min(cpu, _cpu_seconds() - c0)
+    return dict(name="GPUStreamlines cuslines (1 GPU)", seconds=dt, cpu_seconds=cpu, n_seeds=len(seeds_vox),
                 n_streamlines=n_sl, n_points=n_pts, peak_rss_mb=_peak_mb(), tracking_rss_mb=float("nan"))
 
 
@@ -234,19 +248,20 @@ def run_tckgen(inputs: Path, threads: int, work: Path) -> dict | None:
            "-angle", str(SETTINGS["max_angle"]), "-minlength", str(SETTINGS["min_length"]),
            "-maxlength", str(SETTINGS["max_length"]), "-mask", str(work / "seed.nii"),
            "-nthreads", str(threads), "-force", "-quiet"]
-    dt = float("inf")
+    dt = cpu = float("inf")
     for _ in range(REPEAT):  # best of REPEAT, as for the others; each run includes tckgen's start-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd if Path("/usr/bin/time").exists()
                               else cmd, capture_output=True, text=True)
         dt = min(dt, time.perf_counter() - t0)
+        cpu = min(cpu, _cpu_seconds() - c0)
         if proc.returncode != 0:
             print("tckgen failed:", proc.stderr[-500:])
             return None
     peak = float(proc.stderr.strip().splitlines()[-1]) / 1024 if Path("/usr/bin/time").exists() \
         else float("nan")
     n_sl = int(nib.streamlines.load(str(work / "mrtrix.tck"), lazy_load=True).header["count"])
-    return dict(name=f"MRtrix3 tckgen iFOD1 ({threads} threads)", seconds=dt, n_seeds=n,
+    return dict(name=f"MRtrix3 tckgen iFOD1 ({threads} threads)", seconds=dt, cpu_seconds=cpu, n_seeds=n,
                 n_streamlines=n_sl, n_points=-1, peak_rss_mb=peak, tracking_rss_mb=float("nan"))
 
 
@@ -307,12 +322,12 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nmachine: {os.cpu_count()} CPUs ({a.threads} used), load average {load:.1f}, "
           f"size={a.size}, best of {REPEAT} runs each")
-    print(f"{'tracker':45s} {'s':>8s} {'seeds/s':>10s} {'strml/s':>10s} {'n_strml':>8s} "
+    print(f"{'tracker':45s} {'s':>8s} {'CPU s':>8s} {'seeds/s':>10s} {'strml/s':>10s} {'n_strml':>8s} "
           f"{'peak MB':>8s} {'track MB':>8s}")
     for r in results:
         r["seeds_per_s"] = r["n_seeds"] / r["seconds"]
         r["streamlines_per_s"] = r["n_streamlines"] / r["seconds"]
-        print(f"{r['name']:45s} {r['seconds']:8.2f} {r['seeds_per_s']:10.0f} "
+        print(f"{r['name']:45s} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {r['seeds_per_s']:10.0f} "
               f"{r['streamlines_per_s']:10.0f} {r['n_streamlines']:8d} {r['peak_rss_mb']:8.0f} "
               f"{r['tracking_rss_mb']:8.0f}")
     ours = [r for r in results if r["name"].startswith("tractoscale")]
@@ -320,7 +335,8 @@ def main(argv=None) -> int:
         for r in results:
             if r["name"].startswith("tractoscale"):
                 continue
-            print(f"ratio {o['name']} / {r['name']}: seeds/s x{o['seeds_per_s'] / r['seeds_per_s']:.2f}")
+            print(f"ratio {o['name']} / {r['name']}: seeds/s x{o['seeds_per_s'] / r['seeds_per_s']:.2f}, "
+                  f"CPU time x{r['cpu_seconds'] / o['cpu_seconds'] * o['n_seeds'] / r['n_seeds']:.2f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -6,8 +6,8 @@ summary table last and writes everything to ``OUT/gpu_check.json``.
 
 Steps:
   inputs    the ``full`` demo subject (90x108x90, 2 mm), CSA order 6, the 724-direction sphere,
-            step 0.5 voxel (1 mm), max angle 30, FA > 0.1 stopping, 10-250 mm; N random seeds in
-            voxels with FA > 0.25 (the settings of ``bench_tracking.py``)
+            step 0.5 mm (``--step``; the goal's), max angle 30, FA > 0.1 stopping, 10-250 mm;
+            N random seeds in voxels with FA > 0.25 (the other settings of ``bench_tracking.py``)
   startup   first launch (compile) in a fresh process with an empty ``NUMBA_CACHE_DIR``, then
             again in another process with the same folder (the CUDA disk cache)
   parity    the same seeds on the CPU and the GPU in float32 and float64: seed indices, points
@@ -82,11 +82,15 @@ def environment() -> dict:
     return out
 
 
-def make_inputs(size: str, n_seeds: int, work: Path) -> dict:
+def make_inputs(size: str, n_seeds: int, work: Path, step_mm: float | None = None) -> dict:
     from bench_tracking import prepare_inputs
     path = prepare_inputs(size, 1, n_seeds, work)
-    d = np.load(path)
-    return {"path": str(path), "n_seeds": int(len(d["seeds_world"])), "shape": list(d["fa"].shape)}
+    d = dict(np.load(path))
+    if step_mm is not None:        # every step below (and cuslines) reads the step from the inputs
+        d["step"] = np.float64(step_mm)
+        np.savez(path, **d)
+    return {"path": str(path), "n_seeds": int(len(d["seeds_world"])), "shape": list(d["fa"].shape),
+            "step_mm": float(d["step"])}
 
 
 def _tracking(inputs: str, device: str, precision: str | None, n: int | None = None):
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_check")))
     p.add_argument("--size", default="full", choices=("small", "full"))
+    p.add_argument("--step", type=float, default=0.5,
+                   help="step in mm (default 0.5: the issue's goal; 0 keeps bench_tracking's half voxel)")
     p.add_argument("--n-seeds", type=int, default=500_000)
     p.add_argument("--parity-seeds", type=int, default=5000)
     p.add_argument("--repeat", type=int, default=3)
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
     step(results, "environment", environment)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        step(results, "inputs", make_inputs, a.size, a.n_seeds, work)
+        step(results, "inputs", make_inputs, a.size, a.n_seeds, work, a.step or None)
         inputs = results["inputs"].get("path")
         if inputs:
             step(results, "startup", startup, inputs, work)
@@ -217,7 +223,7 @@ def summary(r: dict) -> None:
     env = r.get("environment", {})
     print(f"GPU: {env.get('gpu', '?')} (cc {env.get('compute_capability', '?')}, {env.get('sms', '?')} SMs); "
           f"numba {env.get('numba', '?')}, numba-cuda {env.get('numba_cuda', '?')}, numpy {env.get('numpy', '?')}")
-    print(f"inputs: {get('inputs', 'n_seeds')} seeds, grid {get('inputs', 'shape')}")
+    print(f"inputs: {get('inputs', 'n_seeds')} seeds, grid {get('inputs', 'shape')}, step {get('inputs', 'step_mm')} mm")
     print(f"start-up (first 256-seed chunk, compile included): cold {get('startup', 'cold', 'first_chunk_s')} s, "
           f"warm (disk cache) {get('startup', 'warm', 'first_chunk_s')} s")
     for prec in ("float32", "float64"):

@@ -12,7 +12,7 @@
 # With the device tool:  run(command="bash benchmarks/gpu_check.sh run", carry=[".whl"],
 # timeout_s=540).  Results: the summary at the end of the output, the full record in
 # $OUT/gpu_check.json and the log in $OUT/gpu_check.log.  Sizes: GPU_CHECK_SEEDS (500000),
-# GPU_CHECK_SIZE (full).
+# GPU_CHECK_SIZE (full), GPU_CHECK_STEP (0.5 mm).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODE="${1:-run}"
@@ -47,7 +47,7 @@ export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/gpu_check_numba_cache CUDA_CACHE_
 unset NUMBA_ENABLE_CUDASIM
 rm -rf "$NUMBA_CACHE_DIR"
 timeout 450 python3 benchmarks/gpu_check.py --out "$OUT" --size "${GPU_CHECK_SIZE:-full}" \
-    --n-seeds "${GPU_CHECK_SEEDS:-500000}"
+    --n-seeds "${GPU_CHECK_SEEDS:-500000}" --step "${GPU_CHECK_STEP:-0.5}"
 rc=$?
 [ $rc = 124 ] && echo "gpu_check: stopped at its 450 s limit (partial results above)"
 exit $rc

@@ -4,7 +4,8 @@ Compiles each specialisation of the tracking kernels (:mod:`kernels.cuda_tracker
 compute capability (default sm_90, H100/H200) with the NVVM of ``numba-cuda[cu12]`` and assembles
 it with the ``ptxas`` of the ``nvidia-cuda-nvcc-cu12`` wheel, then prints one row per kernel:
 
-    python benchmarks/kernel_resources.py                 # the table in the README
+    python benchmarks/kernel_resources.py                 # the builds the tests check (11)
+    python benchmarks/kernel_resources.py --all --readme  # every build; rewrites the README's table
     python benchmarks/kernel_resources.py --json out.json
     python benchmarks/kernel_resources.py --variants prob-sf-threshold-float32
 
@@ -34,6 +35,11 @@ ALGOS = ("prob", "det", "ptt", "boot")
 # anatomical rules on the default algorithm, and the default in float64
 DEFAULT_VARIANTS = tuple(f"{a}-{m}-threshold-float32" for a in ALGOS for m in ("sf", "sh")) + (
     "prob-sf-act-float32", "prob-sf-cmc-float32", "prob-sf-threshold-float64")
+# every build a run can ask for: algorithm x ODF mode x stopping rule x precision
+ALL_VARIANTS = tuple(f"{a}-{m}-{s}-{p}" for p in ("float32", "float64") for a in ALGOS
+                     for m in ("sf", "sh") for s in ("threshold", "act", "cmc"))
+README = ROOT / "README.md"
+START, END = "<!-- kernel-resources:start -->", "<!-- kernel-resources:end -->"
 
 
 def ptxas_path() -> Path | None:
@@ -133,30 +139,70 @@ def occupancy(regs: int) -> int:
     return min(2048, (65536 // per_warp) * 32)
 
 
+def table(rows: list[dict], cc, seconds: float) -> str:
+    """Markdown table, one row per kernel of each build; a peak / join / packing kernel identical
+    to one of an earlier build (same name and figures) is listed once."""
+    out = ["| build | kernel | registers | stack (B) | spills (B) | warps/SM | f32 / f64 ops |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    seen = set()
+    for r in rows:
+        key = (r["kernel"], r["registers"], r["stack"], r["f32_ops"], r["f64_ops"])
+        if r["kernel"] != "track_tasks_cuda" and key in seen:
+            continue
+        seen.add(key)
+        out.append(f"| {r['variant']} | {r['kernel']} | {r['registers']} | {r['stack']} | "
+                   f"{r['spill_stores'] + r['spill_loads']} | {r['occupancy_warps']} | "
+                   f"{r['f32_ops']} / {r['f64_ops']} |")
+    import numba
+    import numba_cuda
+    builds = len({r["variant"] for r in rows})
+    out += ["", f"{builds} builds for sm_{cc[0]}{cc[1]} (Numba {numba.__version__}, numba-cuda "
+            f"{numba_cuda.__version__}, ptxas of nvidia-cuda-nvcc-cu12 {_nvcc_version()}), "
+            f"{seconds:.0f} s to compile; regenerate with `python benchmarks/kernel_resources.py --all --readme`."]
+    return "\n".join(out)
+
+
+def _nvcc_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("nvidia-cuda-nvcc-cu12")
+    except PackageNotFoundError:
+        return "?"
+
+
+def write_readme(text: str) -> None:
+    readme = README.read_text()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + START + "\n" + text + "\n" + END + tail)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS),
-                   help="ALGO-MODE-STOP-PRECISION, e.g. prob-sf-threshold-float32")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="ALGO-MODE-STOP-PRECISION, e.g. prob-sf-threshold-float32 (default: the 11 tested builds)")
+    p.add_argument("--all", action="store_true", help=f"every build ({len(ALL_VARIANTS)})")
     p.add_argument("--cc", default="9.0", help="compute capability (default 9.0)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--readme", action="store_true", help="write the table into README.md between its markers")
     a = p.parse_args(argv)
+    variants = ALL_VARIANTS if a.all else (a.variants or list(DEFAULT_VARIANTS))
     cc = tuple(int(x) for x in a.cc.split("."))
     t0 = time.perf_counter()
-    rows, seen = [], set()
-    print("| build | kernel | registers | stack (B) | spills (B) | warps/SM | f32 / f64 ops |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for v in a.variants:
+    rows = []
+    for v in variants:
         for name, k in resources(v, cc).items():
             rows.append(dict(variant=v, kernel=name, **k))
-            key = (name, k["registers"], k["stack"], k["f32_ops"], k["f64_ops"])
-            if name != "track_tasks_cuda" and key in seen:
-                continue   # the same peak / join / packing kernel as an earlier build
-            seen.add(key)
-            print(f"| {v} | {name} | {k['registers']} | {k['stack']} | {k['spill_stores']} | "
-                  f"{k['occupancy_warps']} | {k['f32_ops']} / {k['f64_ops']} |", flush=True)
-    print(f"\n{len(a.variants)} builds for sm_{cc[0]}{cc[1]} in {time.perf_counter() - t0:.0f} s")
+        print(f"{v}: " + ", ".join(f"{r['kernel']} {r['registers']} regs / {r['stack']} B"
+                                   for r in rows if r["variant"] == v), file=sys.stderr, flush=True)
+    text = table(rows, cc, time.perf_counter() - t0)
+    print(text)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
+    if a.readme:
+        write_readme(text)
     return 0
 
 

@@ -64,7 +64,8 @@ class TrackingRun:
             raise ParameterError("precision", f"must be float32 or float64, not {precision!r}")
         self.precision = precision
         legacy = USUAL_LEGACY.get(basis, False) if legacy is None else bool(legacy)
-        internal = convert_sh(sh, basis=basis, legacy=legacy, frame=frame, affine=self.affine)
+        # only the mask's voxels: prepare() keeps the ODF of those alone
+        internal = convert_sh(sh, basis=basis, legacy=legacy, frame=frame, affine=self.affine, mask=mask)
         self.data = engine.prepare(sh=internal, affine=self.affine, params=params, mask=mask,
                                    odf_mode=odf_mode, sphere=sphere, memory_budget=memory_budget,
                                    bootstrap=bootstrap, **stop_kw)

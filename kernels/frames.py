@@ -96,11 +96,14 @@ def sh_conversion(order: int, *, basis: str, legacy: bool, frame: str, affine,
     Exact for every even order up to 16: both bases span the same space, which a rotation maps
     onto itself, and the sphere used to solve for M has more points than coefficients.
     """
-    if (basis, bool(legacy)) == (to_basis, bool(to_legacy)) and frame == to_frame:
+    same_basis = (basis, bool(legacy)) == (to_basis, bool(to_legacy))
+    if same_basis and frame == to_frame:
         return None
     verts = _sample_directions()
     r_in = frame_rotation(frame, affine)
     r_out = frame_rotation(to_frame, affine)
+    if same_basis and np.allclose(r_in @ r_out.T, np.eye(3), rtol=0.0, atol=1e-12):
+        return None        # frames that coincide (an axis-aligned RAS grid: world = voxel)
     # a direction d of the output frame is r_in @ r_out.T @ d in the input frame
     d_in = verts @ (r_in @ r_out.T).T
     b_in = sh_matrix(d_in, order, basis, legacy)             # (V, K)
@@ -110,14 +113,26 @@ def sh_conversion(order: int, *, basis: str, legacy: bool, frame: str, affine,
 
 def convert_sh(sh: np.ndarray, *, basis: str, frame: str, affine, legacy: bool | None = None,
                to_basis: str = "tournier07", to_legacy: bool = False, to_frame: str = "voxel",
-               dtype=np.float32) -> np.ndarray:
-    """SH coefficients (..., K) re-expressed in another basis and frame (default: the kernels')."""
+               dtype=np.float32, mask=None) -> np.ndarray:
+    """SH coefficients (..., K) re-expressed in another basis and frame (default: the kernels').
+
+    ``mask`` (the shape of ``sh`` less its last axis): convert only the voxels inside it and leave
+    the others 0 (the tracking keeps the ODF of mask voxels only; a brain is a quarter of its grid).
+    """
     sh = np.asarray(sh)
     legacy = USUAL_LEGACY.get(basis, False) if legacy is None else legacy
     m = sh_conversion(sh_order_from_ncoef(sh.shape[-1]), basis=basis, legacy=legacy, frame=frame,
                       affine=affine, to_basis=to_basis, to_legacy=to_legacy, to_frame=to_frame)
     if m is None:
         return np.asarray(sh, dtype=dtype)
+    if mask is not None:
+        keep = np.asarray(mask, dtype=bool)
+        if keep.shape != sh.shape[:-1]:
+            raise ParameterError("mask", f"has shape {keep.shape}, the ODF grid is {sh.shape[:-1]}")
+        out = np.zeros(sh.shape, dtype=dtype)
+        out[keep] = convert_sh(sh[keep], basis=basis, frame=frame, affine=affine, legacy=legacy,
+                               to_basis=to_basis, to_legacy=to_legacy, to_frame=to_frame, dtype=dtype)
+        return out
     out = np.empty(sh.shape, dtype=dtype)
     flat_in = sh.reshape(-1, sh.shape[-1])
     flat_out = out.reshape(-1, sh.shape[-1])

@@ -130,3 +130,26 @@ def test_readme_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = int(proc.stdout.split()[0])
     assert n > 100 and (tmp_path / "sub-01_tractogram.trk").stat().st_size > 10000
+
+
+def test_conversion_keeps_mask_voxels_and_skips_coinciding_frames(phantom):
+    """``mask=``: the mask's voxels are converted exactly as without it and the others are 0 (the
+    tracking reads the ODF of mask voxels only); frames that coincide (an axis-aligned RAS grid,
+    world = voxel) cost no conversion, while an LPS grid's world frame still needs one."""
+    from kernels.frames import sh_conversion
+    full = convert_sh(phantom["sh"], basis="descoteaux07", legacy=True, frame="voxel", affine=phantom["aff"],
+                      to_basis="tournier07", to_frame="world")
+    part = convert_sh(phantom["sh"], basis="descoteaux07", legacy=True, frame="voxel", affine=phantom["aff"],
+                      to_basis="tournier07", to_frame="world", mask=phantom["mask"])
+    assert np.array_equal(part[phantom["mask"]], full[phantom["mask"]])
+    assert not part[~phantom["mask"]].any() and full[phantom["mask"]].any()
+    with pytest.raises(ParameterError, match="mask"):
+        convert_sh(phantom["sh"], basis="tournier07", frame="world", affine=phantom["aff"],
+                   mask=phantom["mask"][1:])
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    assert sh_conversion(6, basis="tournier07", legacy=False, frame="world", affine=ras) is None
+    m = sh_conversion(6, basis="tournier07", legacy=False, frame="world", affine=lps)
+    assert m is not None and not np.allclose(m, np.eye(28), atol=1e-3)
+    sh = phantom["sh"].astype(np.float32)
+    assert np.array_equal(convert_sh(sh, basis="tournier07", frame="world", affine=ras), sh)
