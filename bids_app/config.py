@@ -203,6 +203,22 @@ class Models(OptionGroup):
     sh_order: int | None = option(
         None, "maximum spherical-harmonic order (even; default: 8, lowered to fit the number of "
               "gradient directions)", type=int, metavar="L", check=even_order)
+    angular_sr: Path | None = option(
+        None, "angular super-resolution before the ODF fit: a PCCNN model file (published dmri-pcconv "
+              "weights, a Lightning checkpoint, or one from 'tractoscale train-angular-sr'); the ODF is fitted "
+              "on the acquired volumes plus the predicted ones (see README 'Angular super-resolution')",
+        type=Path, metavar="MODEL", check=existing_file)
+    angular_sr_directions: int | None = option(
+        None, "--angular-sr: new directions predicted on each acquired shell (default: 60)", type=int,
+        metavar="N", check=at_least(1))
+
+    def validate(self):
+        if self.angular_sr_directions is not None and self.angular_sr is None:
+            raise option_error("angular_sr_directions", "needs --angular-sr MODEL")
+
+    @property
+    def sr_directions(self) -> int:
+        return 60 if self.angular_sr_directions is None else self.angular_sr_directions
 
 
 # Tracking fields named like TrackParams fields are kernel parameters: TrackParams gives their
@@ -576,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "TBSS-style group statistics and atlas-based bundle segmentation.",
         epilog="Also: 'tractoscale demo-data OUT' writes the built-in demo dataset "
                "('tractoscale demo-data --help'); 'tractoscale train-tracker MODEL ...' trains a learned "
-               "tracker for --tracking learned ('tractoscale train-tracker --help').")
+               "tracker for --tracking learned ('tractoscale train-tracker --help'); 'tractoscale "
+               "train-angular-sr MODEL ...' trains a model for --angular-sr ('tractoscale train-angular-sr --help').")
     p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where derivatives are written (created if missing)")
     p.add_argument("analysis_level", help="'participant' (one subject at a time; parallel runs are safe) "

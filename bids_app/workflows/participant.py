@@ -1,7 +1,10 @@
 """Participant level: for each DWI run, four stages run by the stage runner (:mod:`bids_app.stages`).
 
 1. ``dti``: brain mask, mean b=0, FA/MD/AD/RD, tensor, colour-FA
-2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT)
+   ``angsr`` (only with ``--angular-sr MODEL``): the acquired DWI plus volumes predicted at new
+   q-space directions (:mod:`bids_app.angular_sr`), ``desc-angsr_dwi.nii.gz`` with .bval/.bvec
+2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT), fitted on the
+   acquired DWI or, with ``--angular-sr``, on the ``angsr`` DWI
 3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none`` (``learned``: a
    trained network, :mod:`bids_app.learned`)
 4. ``qc``: the QC figure, drawn from what the other stages wrote
@@ -13,6 +16,7 @@ a stage needs it, so a missing QC figure is redrawn without fitting anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -96,6 +100,12 @@ class Outputs:
     def dti_files(self) -> list[Path]:
         return [self.tensor(p) for p in ("fa", "md", "ad", "rd", "tensor", "rgb")] + [self.mask, self.meanb0]
 
+    @property
+    def angsr(self) -> tuple[Path, Path, Path]:
+        """The super-resolved DWI (``--angular-sr``) and its .bval/.bvec."""
+        return (self.path("dwi", desc="angsr"), self.path("dwi", ".bval", desc="angsr"),
+                self.path("dwi", ".bvec", desc="angsr"))
+
     def odf_files(self) -> list[Path]:
         return [self.sh] + ([self.gfa] if self.odf_model in ("csa", "opdt") else [])
 
@@ -131,8 +141,8 @@ class RunData:
     """One DWI run's inputs and maps, each loaded on first use (from memory when a stage of this
     process just computed it, else from its output file)."""
 
-    def __init__(self, inp: DwiInput, out: Outputs, source: str):
-        self.inp, self.out, self.source = inp, out, source
+    def __init__(self, inp: DwiInput, out: Outputs, source: str, angular_sr: bool = False):
+        self.inp, self.out, self.source, self.angular_sr = inp, out, source, angular_sr
 
     @cached_property
     def dwi(self):
@@ -142,6 +152,15 @@ class RunData:
                  dwi.data.shape[3], "x".join(f"{z:g}" for z in dwi.zooms),
                  sorted({int(b) for b in np.round(dwi.bvals, -1)}))
         return dwi
+
+    @cached_property
+    def odf_dwi(self):
+        """What the ODF model is fitted on: the acquired DWI, or with ``--angular-sr`` the acquired plus
+        the predicted volumes."""
+        if not self.angular_sr:
+            return self.dwi
+        from ..inputs import load_dwi
+        return load_dwi(*self.out.angsr)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -204,21 +223,31 @@ def write_odf(run: RunData, stage: Stage, nthreads: int | None) -> None:
 
     t0 = time.perf_counter()
     model, out = stage.params["Model"], run.out
-    odf = fit_odf(run.dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, nthreads=nthreads)
+    odf = fit_odf(run.odf_dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, nthreads=nthreads)
     enc = {"Type": "sh", "Reference": "ijk", "SphericalHarmonicBasis": SH_BASIS_BIDS,
            "SphericalHarmonicDegree": odf.sh_order}
     desc = {"csa": "Constant solid angle q-ball ODF (dipy CsaOdfModel)",
             "opdt": "Orientation probability density transform (dipy OpdtModel)",
             "csd": "Constrained spherical deconvolution fibre ODF (dipy, single-shell single-tissue)"}[model]
     meta = {"Description": desc, "URL": "https://dipy.org", "Parameters": odf.parameters}
-    save_nifti(odf.sh, run.dwi.affine, out.sh, sidecar=_sidecar(run.source, stage, Model=meta,
+    if run.angular_sr:
+        meta["Parameters"] = {**odf.parameters, "AngularSuperResolution": sidecar_path(out.angsr[0]).name}
+    save_nifti(odf.sh, run.odf_dwi.affine, out.sh, sidecar=_sidecar(run.source, stage, Model=meta,
                                                                  OrientationEncoding=enc))
     if odf.gfa is not None:
-        save_nifti(odf.gfa, run.dwi.affine, out.gfa, sidecar=_sidecar(
+        save_nifti(odf.gfa, run.odf_dwi.affine, out.gfa, sidecar=_sidecar(
             run.source, stage, Model=meta, Description="Generalised fractional anisotropy"))
     run.odf = (odf.sh, odf.sh_order, odf.gfa)
     log.info("%s: %s fit done in %.1f s (order %d)", run.inp.label, model.upper(), time.perf_counter() - t0,
              odf.sh_order)
+
+
+def write_angsr(run: RunData, stage: Stage, config: Config) -> None:
+    from ..angular_sr.app import write_angsr as predict_and_write
+    predict_and_write(run.dwi, run.mask, run.inp, run.out.angsr, model_path=config.models.angular_sr,
+                      n_new=config.models.sr_directions, device=config.resources.device,
+                      nthreads=config.resources.nthreads, progress=config.execution.progress,
+                      sidecar=_sidecar(run.source, stage))
 
 
 def write_tractogram(run: RunData, stage: Stage, config: Config) -> None:
@@ -270,10 +299,20 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
     dti = Stage(f"{label}_dti", outputs=_with_sidecars(out.dti_files()), record_dir=out.records,
                 params={"Stage": "dti", "FitMethod": "WLS", "Mask": mask_desc},
                 files=raw + ((inp.mask,) if inp.mask else ()))
+    steps = [(dti, partial(write_dti, run))]
+    odf_upstream, odf_params = (dti,), {"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order}
+    if config.models.angular_sr is not None:
+        sr_model = config.models.angular_sr
+        angsr = Stage(f"{label}_angsr", outputs=(*out.angsr, sidecar_path(out.angsr[0])), record_dir=out.records,
+                      params={"Stage": "angular-sr", "Model": Path(sr_model).name,
+                              "DirectionsPerShell": config.models.sr_directions},
+                      files=raw + (sr_model,), upstream=(dti,))     # the model's content is an input
+        steps.append((angsr, partial(write_angsr, run, config=config)))
+        odf_upstream += (angsr,)
+        odf_params["AngularSR"] = Path(sr_model).name
     odf = Stage(f"{label}_odf-{model}", outputs=_with_sidecars(out.odf_files()), record_dir=out.records,
-                params={"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order},
-                files=raw, upstream=(dti,))
-    steps = [(dti, partial(write_dti, run)), (odf, partial(write_odf, run, nthreads=config.resources.nthreads))]
+                params=odf_params, files=raw, upstream=odf_upstream)
+    steps.append((odf, partial(write_odf, run, nthreads=config.resources.nthreads)))
     qc_inputs = [dti]
     if opts.enabled:
         extra = [opts.seed_mask] if opts.seed_mask else []
@@ -296,15 +335,25 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
     return [(stage, partial(work, stage=stage)) for stage, work in steps]
 
 
+@functools.lru_cache(maxsize=2)
+def _sr_model_info(path: Path):
+    from ..angular_sr.app import check_model_file
+    return check_model_file(path)
+
+
 def process_run(inp: DwiInput, config: Config) -> str:
     """Run the stages of one DWI run that are not complete; return 'done' or 'skipped'."""
     opts = config.tracking
     out = Outputs(config.output_dir, inp.entities, config.models.odf_model,
                   opts.algorithm if opts.enabled else None, opts.extension)
-    run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives))
+    run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives),
+                  angular_sr=config.models.angular_sr is not None)
     if opts.learned:     # the data must feed the model before anything of this run is computed
         from ..learned import check_model_file, check_run
         check_run(inp.bval, check_model_file(opts.tracking_model))
+    if config.models.angular_sr is not None:     # the shells must be the model's before anything is computed
+        from ..angular_sr.app import check_run as check_sr_run
+        check_sr_run(inp.bval, _sr_model_info(config.models.angular_sr))
     todo = plan(participant_stages(inp, config, out, run), force=config.execution.force)
     if not todo:
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)

@@ -1,0 +1,107 @@
+"""``--angular-sr MODEL``: the participant stage that predicts new q-space directions before the ODF fit.
+
+* :func:`check_model_file` (preflight, before any work): PyTorch installed, the file a usable PCCNN
+  checkpoint (exit 65 otherwise), and with ``--device cuda`` a GPU PyTorch can use.
+* :func:`check_run` (before a run's stages): the run's shells are among the model's (exit 65).
+* :func:`write_angsr` (the ``angsr`` stage): writes ``*_desc-angsr_dwi.nii.gz`` = the acquired volumes,
+  unchanged and first, then the predicted ones, with its ``.bval``/``.bvec`` and a sidecar naming the
+  model (file, SHA-256, architecture, shells) and the q-space that was asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+WHAT = "--angular-sr"
+
+
+@contextlib.contextmanager
+def model_errors(prefix: str | None = None):
+    from .modelfile import ModelFileError, ShellError
+    try:
+        yield
+    except ModelFileError as exc:
+        raise InputDataError(f"{WHAT} model {exc.path}: {exc.problem}") from None
+    except ShellError as exc:
+        raise InputDataError(f"{prefix or 'the data'}: {exc}") from None
+
+
+def check_model_file(path, device: str = "auto"):
+    """Preflight: the model loads (tensors only) and, for ``cuda``, PyTorch sees a GPU."""
+    from ..config import flag_errors
+    from ..learned import prepare_torch, require_learn_extra
+    require_learn_extra(WHAT)
+    prepare_torch(1)
+    from .modelfile import load_model
+    with model_errors():
+        _, info = load_model(path, "cpu")
+    if device == "cuda":
+        from kernels.learned.api import torch_device
+        with flag_errors("cuda"):
+            torch_device("cuda")
+    return info
+
+
+def check_run(bval_path: Path, info) -> None:
+    """Before a run's stages: every diffusion-weighted shell of the run is one of the model's."""
+    try:
+        bvals = np.loadtxt(bval_path, ndmin=1, dtype=float).ravel()
+    except (OSError, ValueError):
+        return    # reported with its file name when the DWI is loaded
+    with model_errors(f"{Path(bval_path).name}: the data cannot feed the model {Path(info.path).name}"):
+        info.match_shells(bvals)
+
+
+def write_angsr(dwi, mask, inp, out_paths, *, model_path, n_new: int, device: str = "auto",
+                nthreads: int | None = None, progress: bool = False, sidecar: dict | None = None) -> dict:
+    """Predict ``n_new`` directions per shell; write the combined DWI, its gradient files and sidecar."""
+    from kernels.learned.api import torch_device
+
+    from ..derivatives import atomic_write, save_nifti
+    from ..gradients import read_bvals_bvecs, voxel_to_fsl_bvecs, write_bvals_bvecs
+    from ..learned import prepare_torch
+    from .modelfile import load_model
+    from .predict import super_resolve
+
+    prepare_torch(nthreads)
+    dev = torch_device(device)
+    t0 = time.perf_counter()
+    with model_errors(f"{inp.dwi.name}: the data cannot feed the model {Path(model_path).name}"):
+        module, info = load_model(model_path, dev)
+        pred, new_b, new_v, details = super_resolve(module, info, dwi.data, dwi.bvals, dwi.bvecs, mask,
+                                                    n_new=n_new, device=dev, progress=progress)
+    seconds = time.perf_counter() - t0
+    nii, bval, bvec = out_paths
+    acq_b, acq_v = read_bvals_bvecs(inp.bval, inp.bvec)            # acquired rows exactly as given
+    bvals = np.concatenate([acq_b, new_b])
+    bvecs = np.concatenate([acq_v, voxel_to_fsl_bvecs(new_v, dwi.affine)])
+    n_acq = dwi.data.shape[3]
+    side = dict(sidecar or {})
+    side.update({
+        "Description": "The acquired DWI volumes (unchanged, first) followed by volumes predicted at new "
+                       "q-space directions by a spatio-angular parametric continuous convolution network "
+                       "(PCCNN); the predicted volumes are zero outside the brain mask",
+        "AcquiredVolumes": [0, n_acq - 1],
+        "PredictedVolumes": [n_acq, n_acq + len(new_b) - 1],
+        "AngularSuperResolution": {
+            "Model": info.describe(),
+            "RequestedQSpace": {"DirectionsPerShell": int(n_new),
+                                "Shells": sorted({float(b) for b in new_b}),
+                                "Directions": "evenly spread (electrostatic repulsion, dipy disperse_charges), "
+                                              "the same for every run",
+                                "Total": int(len(new_b))},
+            "Device": dev, "Seconds": round(seconds, 2), **details}})
+    with atomic_write(Path(bval)) as tmp_b, atomic_write(Path(bvec)) as tmp_v:
+        write_bvals_bvecs(tmp_b, tmp_v, bvals, bvecs)
+    save_nifti(np.concatenate([dwi.data.astype(np.float32), pred], axis=-1), dwi.affine, nii, sidecar=side)
+    log.info("%s: angular SR with %s on %s: %d predicted volumes (%d per shell) in %.1f s", inp.label,
+             Path(model_path).name, dev, len(new_b), n_new, seconds)
+    return {"seconds": seconds, "device": dev, "predicted": int(len(new_b))}
