@@ -139,7 +139,8 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
         out[..., cols] = (out[..., cols] + 1.0) * xmax[s] / 2.0
     out = np.clip(out, 0, None)
     out[~mask] = 0
-    details = {"Patches": len(corners), "PatchSize": p, "Passes": len(corners) * len(windows) / max(batch_size, 1),
+    details = {"Patches": len(corners), "PatchSize": p, "BatchSize": int(batch_size),
+               "Passes": -(-len(corners) // batch_size) * len(windows),
                "Scale": {str(int(s)): x for s, x in xmax.items()}}
     return out, new_b, new_v, details
 
