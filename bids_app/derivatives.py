@@ -84,6 +84,19 @@ def tensor_map_path(directory: Path, entities: dict, param: str) -> Path:
     return Path(directory) / bids_name({**entities, "model": "tensor", "param": param}, "dwimap", ".nii.gz")
 
 
+def writable_parent(path: Path | str) -> Path:
+    """Create ``path``'s folder if needed and check it is writable (OutputError otherwise), before a long
+    job that ends by writing ``path`` (a trained model)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"cannot write to {path.parent}")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path | str):
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.

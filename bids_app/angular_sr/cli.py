@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import InputDataError, NoInputError, OutputError, UsageError
+from ..errors import InputDataError, NoInputError, UsageError
 
 log = logging.getLogger("tractoscale.train")
 
@@ -82,7 +81,7 @@ def load_run(path: Path, shells, percentile: float):
     from ..inputs import compute_mask, load_dwi
     from ..models import shells as data_shells
     from ..train_tracker import _gradient_files
-    from .modelfile import file_sha256
+    from kernels.learned.modelfile import file_sha256
     from .train import prepare_run
     if not path.is_file():
         raise NoInputError(f"{path} does not exist")
@@ -112,13 +111,8 @@ def run(args) -> int:
         raise UsageError("--participant-label goes with --from-demo")
     if not paths:
         raise UsageError("no training data: give --dwi FILE or --from-demo BIDS_DIR")
-    out = Path(args.model)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"cannot write to {out.parent}")
+    from ..derivatives import writable_parent
+    out = writable_parent(args.model)
     prepare_torch(args.nthreads)
     import torch
     from kernels.errors import DeviceError

@@ -14,7 +14,6 @@ The variants with a mean spatial encoding (PCCNN-Sp, PCCNN-Bv-Sp) are recognised
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,14 +70,6 @@ class ModelInfo:
             raise ShellError(f"b-value(s) {', '.join(map(str, bad))} are not among the model's shells "
                              f"({', '.join(str(int(s)) for s in self.shells)} s/mm^2, +-{SHELL_TOLERANCE:g})")
         return tuple(sorted({min(self.shells, key=lambda s: abs(s - x)) for x in dw}))
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 PUBLISHED_VARIANTS = {150: "pccnn", 180: "pccnn-bv", 240: "pccnn-sp", 270: "pccnn-bv-sp"}
@@ -144,6 +135,7 @@ def load_model(path, device="cpu"):
         raise ModelFileError(path, f"the weights do not fit the recorded architecture ({first[:200]})") from None
     if not shells or patch < 1 or q_out < 1:
         raise ModelFileError(path, "bad shells, patch size or output count in its header")
+    from kernels.learned.modelfile import file_sha256
     training["Parameters"] = sum(p.numel() for p in module.parameters())
     info = ModelInfo(path=path, sha256=file_sha256(path), variant=variant, source=source, shells=shells,
                      patch=patch, q_out=q_out, percentile=pcent, hyper=hyper, training=training)

@@ -166,8 +166,44 @@ class PCConv(nn.Module):
                 else torch.zeros(1, device=like.device, dtype=like.dtype) for k in self.kernel]
         return torch.cartesian_prod(*axes).reshape(-1, 3)               # (S, 3), x-major
 
+    def _pad_unfold(self, f):
+        """(B,X,Y,Z,I,C) -> (B,X,Y,Z,I,C,S): the kernel's neighbourhood of every voxel, zero padded."""
+        pad = []
+        for k in reversed(self.kernel):
+            pad += [(k - 1) // 2, k - 1 - (k - 1) // 2]
+        fp = nn.functional.pad(f, (0, 0, 0, 0) + tuple(pad))
+        for ax, k in enumerate(self.kernel):
+            fp = fp.unfold(ax + 1, k, 1)                                   # (B,X,Y,Z,I,C,kx,ky,kz)
+        return fp.flatten(-3)
+
+    def _forward_nearest(self, ang, mask, f, same: bool):
+        """k_max = 1: each output point reads its single nearest input point (gathered, not a dense sum
+        with all other weights masked out: the same result in O(q) instead of O(q^2)).  ``same``: the
+        output points are the input points, each its own nearest (also when two shells share a
+        direction, where the nearest by angle alone is ambiguous)."""
+        b, o, i, na = ang.shape
+        if same:
+            sel = torch.arange(o, device=ang.device).expand(b, o)
+        else:
+            sel = ang[..., 0].masked_fill(mask == 0, float("inf")).argmin(-1)    # (B,O)
+        keep = mask.gather(-1, sel[..., None])[..., 0]                       # 0 where nothing is in range
+        a = ang.gather(2, sel[:, :, None, None].expand(b, o, 1, na))[:, :, 0]   # (B,O,a)
+        sp = self._spatial_offsets(ang)
+        s = sp.shape[0]
+        coords = torch.cat([sp[None, None].expand(b, o, s, 3), a[:, :, None].expand(b, o, s, na)], dim=-1)
+        w = self.weight_net(coords) * keep[:, :, None, None]                 # (B,O,S,C)
+        fp = self._pad_unfold(f) if s > 1 else f[..., None]                  # (B,X,Y,Z,I,C,S)
+        if not same:
+            idx = sel[:, None, None, None, :, None, None].expand(-1, *fp.shape[1:4], o, *fp.shape[5:])
+            fp = fp.gather(4, idx)                                           # (B,X,Y,Z,O,C,S)
+        return torch.einsum("bxyzocs,bosc->bxyzoc", fp, w)
+
     def forward(self, q_in, q_out, f):
         ang, mask = angular_coords(q_in, q_out, self.bval_mode, self.d_max, self.k_max)   # (B,O,I,a), (B,O,I)
+        if self.k_max == 1:
+            out = self._forward_nearest(ang, mask, f, q_in is q_out)
+            out = self.feature_layer(out)
+            return out + self.bias if self.bias is not None else out
         sp = self._spatial_offsets(ang)
         b, o, i, _ = ang.shape
         s = sp.shape[0]
@@ -177,14 +213,7 @@ class PCConv(nn.Module):
         if s == 1:
             out = torch.einsum("bxyzic,boic->bxyzoc", f, w[:, :, 0])
         else:
-            pad = []
-            for k in reversed(self.kernel):
-                pad += [(k - 1) // 2, k - 1 - (k - 1) // 2]
-            fp = nn.functional.pad(f, (0, 0, 0, 0) + tuple(pad))
-            for ax, k in enumerate(self.kernel):
-                fp = fp.unfold(ax + 1, k, 1)                               # (B,X,Y,Z,I,C,kx,ky,kz)
-            fp = fp.flatten(-3)                                            # (B,X,Y,Z,I,C,S)
-            out = torch.einsum("bxyzics,bosic->bxyzoc", fp, w)
+            out = torch.einsum("bxyzics,bosic->bxyzoc", self._pad_unfold(f), w)
         out = self.feature_layer(out)
         if self.bias is not None:
             out = out + self.bias
@@ -212,11 +241,12 @@ class PCConvFactorised(nn.Module):
         self.pcconv4 = PCConv(in_channels, out_channels, (1, 1, 1), k_max=k_max, d_max=d_max,
                               feature_layer=self.feature_layer, bias=self.bias, **common)
 
-    def forward(self, q_in, q_out, f):
-        f = self.pcconv1(q_in, q_in, f)
-        f = self.pcconv2(q_in, q_in, f)
-        f = self.pcconv3(q_in, q_in, f)
-        return self.pcconv4(q_in, q_out, f)
+    def spatial(self, q_in, f):
+        """The three spatial passes (they see the input points only)."""
+        return self.pcconv3(q_in, q_in, self.pcconv2(q_in, q_in, self.pcconv1(q_in, q_in, f)))
+
+    def forward(self, q_in, q_out, f, spatial=None):
+        return self.pcconv4(q_in, q_out, self.spatial(q_in, f) if spatial is None else spatial)
 
 
 class PCConvBlock(nn.Module):
@@ -229,8 +259,9 @@ class PCConvBlock(nn.Module):
         self.pcconv1 = PCConv(conv_in, b.out1, (1, 1, 1), hidden=b.hidden, lnum=b.lnum, bval_mode=bval_mode)
         self.pcconv3 = PCConvFactorised(conv_in, b.out3, 3, hidden=b.hidden, lnum=b.lnum, bval_mode=bval_mode)
 
-    def forward(self, q_in, q_out, f):
-        out = torch.cat([self.relu(self.pcconv1(q_in, q_out, f)), self.relu(self.pcconv3(q_in, q_out, f))], dim=-1)
+    def forward(self, q_in, q_out, f, spatial=None):
+        out = torch.cat([self.relu(self.pcconv1(q_in, q_out, f)),
+                         self.relu(self.pcconv3(q_in, q_out, f, spatial))], dim=-1)
         return self.relu(out + f) if self.residual else self.relu(out)
 
 
@@ -259,13 +290,22 @@ class PCCNN(nn.Module):
         self.pcconv_out2 = PCConv(h.pcconv_out1.out, 1, hidden=h.pcconv_out2.hidden, lnum=h.pcconv_out2.lnum,
                                   bval_mode=m)
 
-    def forward(self, signal, q_in, q_out):
+    def encode(self, signal, q_in):
+        """The part that sees only the input points, computed once for any number of output points:
+        ``(features, spatial passes of the first output block)``."""
         a = self.relu(self.pcconv_in(q_in, q_in, signal[..., None]))
         for blk in self.in_blocks:
             a = blk(q_in, q_in, a)
         a = self.relu(self.pcconv_mid(q_in, q_in, a))
+        return a, self.out_blocks[0].pcconv3.spatial(q_in, a)
+
+    def forward(self, signal, q_in, q_out):
+        return self.decode(self.encode(signal, q_in), q_in, q_out)
+
+    def decode(self, encoded, q_in, q_out):
+        a, spatial = encoded
         for k, blk in enumerate(self.out_blocks):
-            a = blk(q_in if k == 0 else q_out, q_out, a)
+            a = blk(q_in, q_out, a, spatial) if k == 0 else blk(q_out, q_out, a)
         a = self.relu(self.pcconv_out1(q_out, q_out, a))
         return self.pcconv_out2(q_out, q_out, a)[..., 0]
 

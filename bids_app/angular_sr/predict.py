@@ -5,6 +5,8 @@ As in the reference implementation: each shell's signal is scaled to about [-1, 
 q-space points are the gradient directions times b / 1000, the volume is cut into cubic patches of
 the model's size (patches without a brain voxel are skipped) and the new points are predicted
 ``q_out`` at a time, every acquired diffusion-weighted volume being the input of every pass.  The
+layers that see only the input points run once per patch, not once per pass (the reference reruns
+them for every group of ``q_out`` points; the result is the same).  The
 network only sees angles between directions, so any orthonormal frame of the b-vectors will do.
 """
 from __future__ import annotations
@@ -100,8 +102,6 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
     bvals = np.asarray(bvals, dtype=float)
     groups = shell_groups(bvals, info.match_shells(bvals))
     dw = np.concatenate([groups[s] for s in sorted(groups)])
-    scaled, xmax = normalise(data, groups, mask, info.percentile)
-    scaled = scaled[..., dw]
     q_in = (np.asarray(bvecs, float)[dw] * (bvals[dw] / BVAL_UNIT)[:, None]).astype(np.float32)
     new_b, new_v = target_table(groups, bvals, n_new, seed)
     q_new = (new_v * (new_b / BVAL_UNIT)[:, None]).astype(np.float32)
@@ -109,8 +109,13 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
     p = info.patch
     shape = np.array(data.shape[:3])
     padded = (np.ceil(shape / p) * p).astype(int)
-    vol = np.zeros(tuple(padded) + (scaled.shape[-1],), dtype=np.float32)
-    vol[:shape[0], :shape[1], :shape[2]] = scaled
+    vol = np.zeros(tuple(padded) + (len(dw),), dtype=np.float32)   # scaled input, zero padded
+    xmax, col = {}, 0
+    for s in sorted(groups):
+        scaled, x = normalise(data[..., groups[s]], {s: np.arange(len(groups[s]))}, mask, info.percentile)
+        vol[:shape[0], :shape[1], :shape[2], col:col + len(groups[s])] = scaled
+        xmax[s], col = x[s], col + len(groups[s])
+        del scaled
     mpad = np.zeros(tuple(padded), dtype=bool)
     mpad[:shape[0], :shape[1], :shape[2]] = mask
     corners = [(i, j, k) for i in range(0, padded[0], p) for j in range(0, padded[1], p)
@@ -125,9 +130,10 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
             batch = corners[s:s + batch_size]
             x = torch.from_numpy(np.stack([vol[i:i + p, j:j + p, k:k + p] for i, j, k in batch])).to(dev)
             q_in_b = qi[None].expand(len(batch), -1, -1)
+            features = module.pccnn.encode(x, q_in_b)                  # once per patch, not per pass
             for idx, keep in windows:
                 qo = torch.from_numpy(q_new[idx]).to(dev)[None].expand(len(batch), -1, -1)
-                y = module(x, q_in_b, qo).float().cpu().numpy()          # (b, p, p, p, q_out)
+                y = module.pccnn.decode(features, q_in_b, qo).float().cpu().numpy()   # (b, p, p, p, q_out)
                 cols = idx[keep]
                 for n, (i, j, k) in enumerate(batch):
                     out[i:i + p, j:j + p, k:k + p, cols] = y[n, ..., keep]
@@ -137,7 +143,7 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
     for s in groups:                                   # back to the shell's intensity scale
         cols = np.abs(new_b - s) <= SHELL_TOLERANCE
         out[..., cols] = (out[..., cols] + 1.0) * xmax[s] / 2.0
-    out = np.clip(out, 0, None)
+    np.clip(out, 0, None, out=out)
     out[~mask] = 0
     details = {"Patches": len(corners), "PatchSize": p, "BatchSize": int(batch_size),
                "Passes": -(-len(corners) // batch_size) * len(windows),
