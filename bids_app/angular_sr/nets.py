@@ -19,6 +19,7 @@ published ones; tractoscale's demo model uses a much smaller set.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -192,11 +193,21 @@ class PCConv(nn.Module):
         s = sp.shape[0]
         coords = torch.cat([sp[None, None].expand(b, o, s, 3), a[:, :, None].expand(b, o, s, na)], dim=-1)
         w = self.weight_net(coords) * keep[:, :, None, None]                 # (B,O,S,C)
-        fp = self._pad_unfold(f) if s > 1 else f[..., None]                  # (B,X,Y,Z,I,C,S)
-        if not same:
-            idx = sel[:, None, None, None, :, None, None].expand(-1, *fp.shape[1:4], o, *fp.shape[5:])
-            fp = fp.gather(4, idx)                                           # (B,X,Y,Z,O,C,S)
-        return torch.einsum("bxyzocs,bosc->bxyzoc", fp, w)
+        if not same:                                                         # (B,X,Y,Z,O,C)
+            f = f.gather(4, sel[:, None, None, None, :, None].expand(-1, *f.shape[1:4], o, f.shape[5]))
+        if s == 1:
+            return f * w[:, None, None, None, :, 0]
+        # a sum of shifted copies: no (voxels x kernel) unfolded array
+        pad = []
+        for k in reversed(self.kernel):
+            pad += [(k - 1) // 2, k - 1 - (k - 1) // 2]
+        fp = nn.functional.pad(f, (0, 0, 0, 0) + tuple(pad))
+        nx, ny, nz = f.shape[1:4]
+        out = None
+        for n, (dx, dy, dz) in enumerate(itertools.product(*(range(k) for k in self.kernel))):
+            term = fp[:, dx:dx + nx, dy:dy + ny, dz:dz + nz] * w[:, None, None, None, :, n]
+            out = term if out is None else out + term
+        return out
 
     def forward(self, q_in, q_out, f):
         ang, mask = angular_coords(q_in, q_out, self.bval_mode, self.d_max, self.k_max)   # (B,O,I,a), (B,O,I)
