@@ -210,11 +210,27 @@ class Models(OptionGroup):
         type=Path, metavar="MODEL", check=existing_file)
     angular_sr_directions: int | None = option(
         None, "--angular-sr: new directions predicted on each acquired shell (default: 60)", type=int,
-        metavar="N", check=at_least(1))
+        metavar="N", check=at_least(1), exclusive="angular_sr_targets")
+    angular_sr_gradients: Path | None = option(
+        None, "--angular-sr: predict the volumes of this .bvec file instead (FSL convention of the input "
+              "DWI, its .bval beside it; b=0 rows are skipped, b-values must be acquired shells)", type=Path,
+        metavar="BVEC", check=existing_file, exclusive="angular_sr_targets")
 
     def validate(self):
-        if self.angular_sr_directions is not None and self.angular_sr is None:
-            raise option_error("angular_sr_directions", "needs --angular-sr MODEL")
+        for name in ("angular_sr_directions", "angular_sr_gradients"):
+            if getattr(self, name) is not None and self.angular_sr is None:
+                raise option_error(name, "needs --angular-sr MODEL")
+        if self.angular_sr_gradients is not None:
+            bval = self.target_bval
+            if not bval.is_file():
+                raise option_error("angular_sr_gradients", f"{bval.name} (its b-values, expected beside it) "
+                                                           "does not exist")
+
+    @property
+    def target_bval(self) -> Path:
+        """The .bval beside ``--angular-sr-gradients``."""
+        g = Path(self.angular_sr_gradients)
+        return g.with_name(g.name.removesuffix(".bvec") + ".bval")
 
     @property
     def sr_directions(self) -> int:

@@ -106,6 +106,22 @@ def test_participant_stage_writes_acquired_plus_predicted(sr_model, sparse_bids,
     run_cli(*args[:-4], "--angular-sr-directions", "8", "--nthreads", "2", check=True)
     assert nib.load(str(d / "sub-01_desc-angsr_dwi.nii.gz")).shape[3] == n + 16
     assert (d / "sub-01_model-tensor_param-fa_dwimap.nii.gz").stat().st_mtime_ns == fa_before
+    # or the volumes of a gradient table: its b=0 rows skipped, its vectors in the input's FSL convention
+    grads = tmp_path / "want.bvec"
+    v = np.random.default_rng(0).normal(size=(5, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    np.savetxt(grads, np.vstack([np.zeros((1, 3)), v]).T, fmt="%.6f")
+    np.savetxt(tmp_path / "want.bval", [[0, 1000, 1000, 2000, 2000, 1000]], fmt="%d")
+    run_cli(*args[:-4], "--angular-sr-gradients", grads, "--nthreads", "2", check=True)
+    assert np.array_equal(np.loadtxt(d / "sub-01_desc-angsr_dwi.bval")[n:], [1000, 1000, 2000, 2000, 1000])
+    assert np.allclose(np.loadtxt(d / "sub-01_desc-angsr_dwi.bvec")[:, n:], v.T, atol=1e-5)
+    side = json.loads((d / "sub-01_desc-angsr_dwi.json").read_text())
+    assert side["AngularSuperResolution"]["RequestedQSpace"]["GradientFiles"] == ["want.bval", "want.bvec"]
+    # a b-value that was not acquired: stopped before the run's stages (its scale is unknown)
+    np.savetxt(tmp_path / "want.bval", [[0, 1000, 1000, 3000, 2000, 1000]], fmt="%d")
+    proc = run_cli(*args[:-4], "--angular-sr-gradients", grads, "--force")
+    assert proc.returncode == 65 and "requested b-value(s) 3000 are not acquired shells" in proc.stderr
+    assert np.loadtxt(d / "sub-01_desc-angsr_dwi.bval")[n:].tolist() == [1000, 1000, 2000, 2000, 1000]
 
 
 # ----------------------------------------------------------------------------- mistakes, before any work
@@ -121,6 +137,13 @@ def test_bad_model_file_is_a_one_line_error(sparse_bids, tmp_path):
     assert proc.returncode == 64 and "--angular-sr" in proc.stderr and _one_line(proc)
     proc = run_cli(sparse_bids, out, "participant", "--angular-sr-directions", "30")
     assert proc.returncode == 64 and "needs --angular-sr" in proc.stderr
+    lone = tmp_path / "lone.bvec"
+    lone.write_text("1 0 0\n0 1 0\n0 0 1\n")
+    proc = run_cli(sparse_bids, out, "participant", "--angular-sr", bad, "--angular-sr-gradients", lone)
+    assert proc.returncode == 64 and "lone.bval" in proc.stderr and _one_line(proc)
+    proc = run_cli(sparse_bids, out, "participant", "--angular-sr", bad, "--angular-sr-gradients", lone,
+                   "--angular-sr-directions", "4")
+    assert proc.returncode == 64 and "not allowed with" in proc.stderr
     # a checkpoint of something else
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, str(other))

@@ -50,19 +50,45 @@ def check_model_file(path, device: str = "auto"):
     return info
 
 
-def check_run(bval_path: Path, info) -> None:
-    """Before a run's stages: every diffusion-weighted shell of the run is one of the model's."""
+def check_run(bval_path: Path, info, target_bval: Path | None = None) -> None:
+    """Before a run's stages: every diffusion-weighted shell of the run is one of the model's, and every
+    requested b-value (``--angular-sr-gradients``) one of the run's shells."""
+    from .predict import check_targets, shell_groups
     try:
         bvals = np.loadtxt(bval_path, ndmin=1, dtype=float).ravel()
     except (OSError, ValueError):
         return    # reported with its file name when the DWI is loaded
     with model_errors(f"{Path(bval_path).name}: the data cannot feed the model {Path(info.path).name}"):
-        info.match_shells(bvals)
+        groups = shell_groups(bvals, info.match_shells(bvals))
+    if target_bval is not None:
+        try:
+            wanted = np.loadtxt(target_bval, ndmin=1, dtype=float).ravel()
+        except (OSError, ValueError) as exc:
+            raise InputDataError(f"--angular-sr-gradients: cannot read {Path(target_bval).name} ({exc})") from None
+        with model_errors(f"{Path(bval_path).name}: --angular-sr-gradients {Path(target_bval).name}"):
+            check_targets(groups, wanted[wanted > 50])
 
 
-def write_angsr(dwi, mask, inp, out_paths, *, model_path, n_new: int, device: str = "auto",
+def read_targets(bval_path: Path, bvec_path: Path, affine):
+    """``(bvals, unit voxel-frame bvecs)`` of the diffusion-weighted rows of a requested gradient table."""
+    from ..gradients import fsl_to_voxel_bvecs, read_bvals_bvecs
+    try:
+        b, v = read_bvals_bvecs(bval_path, bvec_path)
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"--angular-sr-gradients {Path(bvec_path).name}: {exc}") from None
+    keep = b > 50
+    v = fsl_to_voxel_bvecs(v[keep], affine)
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    if not keep.any() or np.any(norm < 0.5):
+        raise InputDataError(f"--angular-sr-gradients {Path(bvec_path).name}: no diffusion-weighted rows, or "
+                             "zero vectors with b > 50")
+    return b[keep], v / norm
+
+
+def write_angsr(dwi, mask, inp, out_paths, *, model_path, n_new: int, targets=None, device: str = "auto",
                 nthreads: int | None = None, progress: bool = False, sidecar: dict | None = None) -> dict:
-    """Predict ``n_new`` directions per shell; write the combined DWI, its gradient files and sidecar."""
+    """Predict ``n_new`` directions per shell (or the volumes of the gradient files ``targets = (bval,
+    bvec)``); write the combined DWI, its gradient files and sidecar."""
     from kernels.learned.api import torch_device
 
     from ..derivatives import atomic_write, save_nifti
@@ -76,8 +102,9 @@ def write_angsr(dwi, mask, inp, out_paths, *, model_path, n_new: int, device: st
     t0 = time.perf_counter()
     with model_errors(f"{inp.dwi.name}: the data cannot feed the model {Path(model_path).name}"):
         module, info = load_model(model_path, dev)
+        wanted = None if targets is None else read_targets(*targets, dwi.affine)
         pred, new_b, new_v, details = super_resolve(module, info, dwi.data, dwi.bvals, dwi.bvecs, mask,
-                                                    n_new=n_new, device=dev, progress=progress)
+                                                    n_new=n_new, targets=wanted, device=dev, progress=progress)
     seconds = time.perf_counter() - t0
     nii, bval, bvec = out_paths
     acq_b, acq_v = read_bvals_bvecs(inp.bval, inp.bvec)            # acquired rows exactly as given
@@ -93,15 +120,15 @@ def write_angsr(dwi, mask, inp, out_paths, *, model_path, n_new: int, device: st
         "PredictedVolumes": [n_acq, n_acq + len(new_b) - 1],
         "AngularSuperResolution": {
             "Model": info.describe(),
-            "RequestedQSpace": {"DirectionsPerShell": int(n_new),
-                                "Shells": sorted({float(b) for b in new_b}),
-                                "Directions": "evenly spread (electrostatic repulsion, dipy disperse_charges), "
-                                              "the same for every run",
-                                "Total": int(len(new_b))},
+            "RequestedQSpace": ({"DirectionsPerShell": int(n_new),
+                                 "Directions": "evenly spread (electrostatic repulsion, dipy disperse_charges), "
+                                               "the same for every run"} if targets is None else
+                                {"GradientFiles": [Path(t).name for t in targets]})
+            | {"Shells": sorted({float(b) for b in new_b}), "Total": int(len(new_b))},
             "Device": dev, "Seconds": round(seconds, 2), **details}})
     with atomic_write(Path(bval)) as tmp_b, atomic_write(Path(bvec)) as tmp_v:
         write_bvals_bvecs(tmp_b, tmp_v, bvals, bvecs)
     save_nifti(np.concatenate([dwi.data.astype(np.float32), pred], axis=-1), dwi.affine, nii, sidecar=side)
-    log.info("%s: angular SR with %s on %s: %d predicted volumes (%d per shell) in %.1f s", inp.label,
-             Path(model_path).name, dev, len(new_b), n_new, seconds)
+    log.info("%s: angular SR with %s on %s: %d predicted volumes in %.1f s", inp.label,
+             Path(model_path).name, dev, len(new_b), seconds)
     return {"seconds": seconds, "device": dev, "predicted": int(len(new_b))}

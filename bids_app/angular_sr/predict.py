@@ -86,12 +86,23 @@ def _chunks(m: int, q: int):
     return out
 
 
-def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device: str = "cpu",
-                  batch_size: int = 4, seed: int = 0, progress: bool = False):
-    """Predict ``n_new`` new directions on every acquired shell of ``data`` (X, Y, Z, N).
+def check_targets(groups: dict, target_bvals) -> None:
+    """Every requested b-value must be an acquired shell (its intensity scale comes from the data)."""
+    from .modelfile import ShellError
+    bad = sorted({int(round(b)) for b in np.asarray(target_bvals, float)
+                  if min(abs(b - s) for s in groups) > SHELL_TOLERANCE})
+    if bad:
+        raise ShellError(f"requested b-value(s) {', '.join(map(str, bad))} are not acquired shells "
+                         f"({', '.join(str(int(s)) for s in sorted(groups))} s/mm^2)")
 
-    ``bvecs`` (N, 3) unit vectors in any orthonormal frame; the new ones come back in the same
-    frame.  Returns ``(predicted (X, Y, Z, M) float32, bvals (M,), bvecs (M, 3), details)``; the
+
+def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int = 60, targets=None, device: str = "cpu",
+                  batch_size: int = 4, seed: int = 0, progress: bool = False):
+    """Predict ``n_new`` new directions on every acquired shell of ``data`` (X, Y, Z, N), or the
+    volumes ``targets = (bvals (M,), unit bvecs (M, 3))``.
+
+    ``bvecs`` (N, 3) unit vectors in any orthonormal frame (``targets`` in the same); the new ones come
+    back in that frame.  Returns ``(predicted (X, Y, Z, M) float32, bvals (M,), bvecs (M, 3), details)``; the
     prediction is zero outside ``mask``.
     """
     import torch
@@ -103,7 +114,11 @@ def super_resolve(module, info, data, bvals, bvecs, mask, *, n_new: int, device:
     groups = shell_groups(bvals, info.match_shells(bvals))
     dw = np.concatenate([groups[s] for s in sorted(groups)])
     q_in = (np.asarray(bvecs, float)[dw] * (bvals[dw] / BVAL_UNIT)[:, None]).astype(np.float32)
-    new_b, new_v = target_table(groups, bvals, n_new, seed)
+    if targets is None:
+        new_b, new_v = target_table(groups, bvals, n_new, seed)
+    else:
+        new_b, new_v = (np.asarray(t, dtype=float) for t in targets)
+        check_targets(groups, new_b)
     q_new = (new_v * (new_b / BVAL_UNIT)[:, None]).astype(np.float32)
 
     p = info.patch

@@ -246,6 +246,8 @@ def write_angsr(run: RunData, stage: Stage, config: Config) -> None:
     from ..angular_sr.app import write_angsr as predict_and_write
     predict_and_write(run.dwi, run.mask, run.inp, run.out.angsr, model_path=config.models.angular_sr,
                       n_new=config.models.sr_directions, device=config.resources.device,
+                      targets=(None if config.models.angular_sr_gradients is None else
+                               (config.models.target_bval, config.models.angular_sr_gradients)),
                       nthreads=config.resources.nthreads, progress=config.execution.progress,
                       sidecar=_sidecar(run.source, stage))
 
@@ -303,10 +305,13 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
     odf_upstream, odf_params = (dti,), {"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order}
     if config.models.angular_sr is not None:
         sr_model = config.models.angular_sr
+        grads = config.models.angular_sr_gradients
+        targets = {"DirectionsPerShell": config.models.sr_directions} if grads is None else \
+            {"Gradients": Path(grads).name}
         angsr = Stage(f"{label}_angsr", outputs=(*out.angsr, sidecar_path(out.angsr[0])), record_dir=out.records,
-                      params={"Stage": "angular-sr", "Model": Path(sr_model).name,
-                              "DirectionsPerShell": config.models.sr_directions},
-                      files=raw + (sr_model,), upstream=(dti,))     # the model's content is an input
+                      params={"Stage": "angular-sr", "Model": Path(sr_model).name, **targets},
+                      files=raw + (sr_model,) + ((config.models.target_bval, grads) if grads else ()),
+                      upstream=(dti,))     # the model's and the gradient files' contents are inputs
         steps.append((angsr, partial(write_angsr, run, config=config)))
         odf_upstream += (angsr,)
         odf_params["AngularSR"] = Path(sr_model).name
@@ -353,7 +358,8 @@ def process_run(inp: DwiInput, config: Config) -> str:
         check_run(inp.bval, check_model_file(opts.tracking_model))
     if config.models.angular_sr is not None:     # the shells must be the model's before anything is computed
         from ..angular_sr.app import check_run as check_sr_run
-        check_sr_run(inp.bval, _sr_model_info(config.models.angular_sr))
+        check_sr_run(inp.bval, _sr_model_info(config.models.angular_sr),
+                     config.models.target_bval if config.models.angular_sr_gradients else None)
     todo = plan(participant_stages(inp, config, out, run), force=config.execution.force)
     if not todo:
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
