@@ -1,8 +1,9 @@
 """Command line: ``tractoscale bids_dir output_dir {participant,group} [options]``.
 
 Also ``tractoscale demo-data OUT`` to write the built-in demo dataset, ``tractoscale install-viewer``
-to install the reports' 3D viewer (niivue, from the npm registry), and ``tractoscale train-tracker
-MODEL ...`` to train a learned tracker (:mod:`bids_app.train_tracker`).  The options are declared in
+to install the reports' 3D viewer (niivue, from the npm registry), ``tractoscale train-tracker
+MODEL ...`` to train a learned tracker (:mod:`bids_app.train_tracker`) and ``tractoscale train-angular-sr
+MODEL ...`` to train an angular super-resolution network (:mod:`bids_app.angular_sr.cli`).  The options are declared in
 :mod:`bids_app.config`; this module parses them into a :class:`~bids_app.config.Config`, sets up the
 process (logging, threads), runs the checks that need no data (:mod:`bids_app.preflight`), and hands
 the Config to a workflow.  User mistakes end with a one-line message and an exit code of the BIDS
@@ -88,6 +89,12 @@ def _run_train_tracker(argv) -> int:
     return train_tracker.main(argv)
 
 
+def _run_train_angular_sr(argv) -> int:
+    from .angular_sr import cli as sr_cli
+    _setup_logging(1)
+    return sr_cli.main(argv)
+
+
 def run(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo-data":
@@ -96,6 +103,8 @@ def run(argv=None) -> int:
         return _run_install_viewer(argv[1:])
     if argv and argv[0] == "train-tracker":
         return _run_train_tracker(argv[1:])
+    if argv and argv[0] == "train-angular-sr":
+        return _run_train_angular_sr(argv[1:])
     config = Config.from_argv(argv)
     _setup_logging(config.execution.verbose)
     _numba_cache()

@@ -223,6 +223,38 @@ class Models(OptionGroup):
                 "giving the longest streamlines wins): auto applies a clearly better table, warn only "
                 "reports it, off skips the check; the scores are in the DTI sidecars and the QC figure",
         choices=GRADIENT_CHECKS)
+    angular_sr: Path | None = option(
+        None, "angular super-resolution before the ODF fit: a PCCNN model file (published dmri-pcconv "
+              "weights, a Lightning checkpoint, or one from 'tractoscale train-angular-sr'); the ODF is fitted "
+              "on the acquired volumes plus the predicted ones (see README 'Angular super-resolution')",
+        type=Path, metavar="MODEL", check=existing_file)
+    angular_sr_directions: int | None = option(
+        None, "--angular-sr: new directions predicted on each acquired shell (default: 60)", type=int,
+        metavar="N", check=at_least(1), exclusive="angular_sr_targets")
+    angular_sr_gradients: Path | None = option(
+        None, "--angular-sr: predict the volumes of this .bvec file instead (FSL convention of the input "
+              "DWI, its .bval beside it; b=0 rows are skipped, b-values must be acquired shells)", type=Path,
+        metavar="BVEC", check=existing_file, exclusive="angular_sr_targets")
+
+    def validate(self):
+        for name in ("angular_sr_directions", "angular_sr_gradients"):
+            if getattr(self, name) is not None and self.angular_sr is None:
+                raise option_error(name, "needs --angular-sr MODEL")
+        if self.angular_sr_gradients is not None:
+            bval = self.target_bval
+            if not bval.is_file():
+                raise option_error("angular_sr_gradients", f"{bval.name} (its b-values, expected beside it) "
+                                                           "does not exist")
+
+    @property
+    def target_bval(self) -> Path:
+        """The .bval beside ``--angular-sr-gradients``."""
+        g = Path(self.angular_sr_gradients)
+        return g.with_name(g.name.removesuffix(".bvec") + ".bval")
+
+    @property
+    def sr_directions(self) -> int:
+        return 60 if self.angular_sr_directions is None else self.angular_sr_directions
 
 
 # Tracking fields named like TrackParams fields are kernel parameters: TrackParams gives their
@@ -613,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "TBSS-style group statistics and atlas-based bundle segmentation.",
         epilog="Also: 'tractoscale demo-data OUT' writes the built-in demo dataset "
                "('tractoscale demo-data --help'); 'tractoscale train-tracker MODEL ...' trains a learned "
-               "tracker for --tracking learned ('tractoscale train-tracker --help').")
+               "tracker for --tracking learned ('tractoscale train-tracker --help'); 'tractoscale "
+               "train-angular-sr MODEL ...' trains a model for --angular-sr ('tractoscale train-angular-sr --help').")
     p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where derivatives are written (created if missing)")
     p.add_argument("analysis_level", help="'participant' (one subject at a time; parallel runs are safe) "

@@ -100,6 +100,19 @@ PARTS_LOCK = "owner.lock"
 FOREIGN_MIN_AGE = 3600.0
 
 
+def writable_parent(path: Path | str) -> Path:
+    """Create ``path``'s folder if needed and check it is writable (OutputError otherwise), before a long
+    job that ends by writing ``path`` (a trained model)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"cannot write to {path.parent}")
+    return path
+
+
 def host_tag() -> str:
     """8 hex digits naming this machine in temporary names."""
     import hashlib

@@ -83,6 +83,20 @@ class DwiData:
         """The 4D float32 image (zero outside ``mask``); for small images and tests."""
         return self.grid(self.signal)
 
+    @classmethod
+    def from_array(cls, data: np.ndarray, affine, bvals, bvecs, mask: np.ndarray | None = None) -> "DwiData":
+        """A 4D array already in memory (simulations, evaluations), holding the voxels of ``mask``
+        (default: all); ``bvecs`` in the scaled-voxel-axis frame."""
+        data = np.asarray(data, dtype=np.float32)
+        keep = np.ones(data.shape[:3], bool) if mask is None else np.asarray(mask, dtype=bool)
+        bvals = np.asarray(bvals, dtype=float)
+        b0 = bvals <= B0_THRESHOLD
+        mean_b0 = data[..., b0].mean(axis=-1) if b0.any() else np.zeros(data.shape[:3], np.float32)
+        affine = np.asarray(affine, dtype=float)
+        return cls(signal=data[keep], mask=keep, mean_b0=mean_b0.astype(np.float32), affine=affine,
+                   header=nib.Nifti1Header(), bvals=bvals, bvecs=np.asarray(bvecs, dtype=float),
+                   zooms=tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)))
+
     def with_bvecs(self, bvecs: np.ndarray) -> "DwiData":
         """The same signal with another gradient table (a corrected one)."""
         return dataclasses.replace(self, bvecs=np.asarray(bvecs, dtype=np.float64))

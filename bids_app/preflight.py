@@ -2,7 +2,8 @@
 
 :class:`~bids_app.config.Config` already guarantees value ranges and combinations; this adds what
 needs the machine or the file system: the requested device, the TBSS target and template, the
-statistics columns, the bundle atlas, the learned tracker's model file.  Each failure is a
+statistics columns, the bundle atlas, the learned tracker's and the angular super-resolution model
+files.  Each failure is a
 :class:`UsageError` (exit 64) naming the flag, or an :class:`~bids_app.errors.InputDataError` (exit 65)
 for a model file whose content is unusable, raised within a second or two and before anything is
 written.
@@ -20,6 +21,7 @@ def preflight(config: Config) -> None:
     check_memory(config)
     if config.analysis_level == "participant":
         check_tracking_model(config)
+        check_angular_sr(config)
     if config.analysis_level == "group":
         check_tbss(config)
         check_segmentation(config)
@@ -60,6 +62,14 @@ def check_tracking_model(config: Config) -> None:
         from kernels.learned.api import torch_device
         with flag_errors("cuda"):
             torch_device("cuda")
+
+
+def check_angular_sr(config: Config) -> None:
+    """``--angular-sr MODEL``: PyTorch installed, the file a usable PCCNN checkpoint (exit 65 if not)."""
+    if config.models.angular_sr is None:
+        return
+    from .angular_sr.app import check_model_file
+    check_model_file(config.models.angular_sr, config.resources.device)
 
 
 def _as_usage(exc: TractoscaleError) -> UsageError:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputDataError, NoInputError, OutputError, UsageError
+from .errors import InputDataError, NoInputError, UsageError
 
 log = logging.getLogger("tractoscale.train")
 
@@ -184,13 +183,8 @@ def run(args) -> int:
         raise UsageError("--resume needs --checkpoint FILE")
     if args.nthreads is not None and args.nthreads < 1:
         raise UsageError(f"--nthreads must be >= 1 (got {args.nthreads})")
-    out = Path(args.model)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"cannot write to {out.parent}")
+    from .derivatives import writable_parent
+    out = writable_parent(args.model)
 
     from .learned import prepare_torch
     prepare_torch(args.nthreads)

@@ -1,7 +1,10 @@
 """Participant level: for each DWI run, four stages run by the stage runner (:mod:`bids_app.stages`).
 
 1. ``dti``: brain mask, mean b=0, FA/MD/AD/RD, tensor, colour-FA
-2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT)
+   ``angsr`` (only with ``--angular-sr MODEL``): the acquired DWI plus volumes predicted at new
+   q-space directions (:mod:`bids_app.angular_sr`), ``desc-angsr_dwi.nii.gz`` with .bval/.bvec
+2. ``odf-<model>``: SH coefficients of the chosen ODF model (+ GFA for CSA/OPDT), fitted on the
+   acquired DWI or, with ``--angular-sr``, on the ``angsr`` DWI
 3. ``track-<algorithm>``: whole-brain tractogram (TRX), unless ``--tracking none`` (``learned``: a
    trained network, :mod:`bids_app.learned`)
 4. ``qc``: the QC figure, drawn from what the other stages wrote
@@ -14,6 +17,7 @@ a stage needs it, so a missing QC figure is redrawn without fitting anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -99,6 +103,12 @@ class Outputs:
     def dti_files(self) -> list[Path]:
         return [self.tensor(p) for p in ("fa", "md", "ad", "rd", "tensor", "rgb")] + [self.mask, self.meanb0]
 
+    @property
+    def angsr(self) -> tuple[Path, Path, Path]:
+        """The super-resolved DWI (``--angular-sr``) and its .bval/.bvec."""
+        return (self.path("dwi", desc="angsr"), self.path("dwi", ".bval", desc="angsr"),
+                self.path("dwi", ".bvec", desc="angsr"))
+
     def odf_files(self) -> list[Path]:
         return [self.sh] + ([self.gfa] if self.odf_model in ("csa", "opdt") else [])
 
@@ -134,17 +144,19 @@ class RunData:
     """One DWI run's inputs and maps, each loaded on first use (from memory when a stage of this
     process just computed it, else from its output file)."""
 
-    def __init__(self, inp: DwiInput, out: Outputs, source: str, resources: Resources | None = None):
+    def __init__(self, inp: DwiInput, out: Outputs, source: str, resources: Resources | None = None,
+                 angular_sr: bool = False):
         self.inp, self.out, self.source = inp, out, source
-        self.resources = resources
+        self.resources, self.angular_sr = resources, angular_sr
 
-    def load_dwi(self, mask):
+    def load_dwi(self, mask, files=None):
         """The DWI with the gradient table of its files, holding the voxels of ``mask`` (a boolean
-        grid or "auto", see :func:`bids_app.inputs.load_dwi`)."""
+        grid or "auto", see :func:`bids_app.inputs.load_dwi`); ``files``: (dwi, bval, bvec) other
+        than the run's inputs."""
         from ..inputs import load_dwi
         from ..resources import remaining_budget
         limit = remaining_budget(self.resources) if self.resources is not None else None
-        dwi = load_dwi(self.inp.dwi, self.inp.bval, self.inp.bvec, mask=mask, memory_limit=limit)
+        dwi = load_dwi(*(files or (self.inp.dwi, self.inp.bval, self.inp.bvec)), mask=mask, memory_limit=limit)
         log.info("%s: %s, %d volumes, voxels %s mm, b-values %s; %d brain voxels held (%.0f MB)",
                  self.inp.label, dwi.shape, dwi.n_volumes, "x".join(f"{z:g}" for z in dwi.zooms),
                  sorted({int(b) for b in np.round(dwi.bvals, -1)}), int(dwi.mask.sum()), dwi.nbytes / 2**20)
@@ -176,6 +188,15 @@ class RunData:
     def release_dwi(self) -> None:
         """Forget the DWI (the largest array of a run) once no stage of this process needs it."""
         self.__dict__.pop("dwi", None)
+        self.__dict__.pop("odf_dwi", None)
+
+    @cached_property
+    def odf_dwi(self):
+        """What the ODF model is fitted on: the acquired DWI, or with ``--angular-sr`` the acquired plus
+        the predicted volumes (their file holds the gradient table the DTI stage chose)."""
+        if not self.angular_sr:
+            return self.dwi
+        return self.load_dwi(self.mask, files=self.out.angsr)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -283,13 +304,15 @@ def write_odf(run: RunData, stage: Stage, config: Config) -> None:
     model, out = stage.params["Model"], run.out
     with flag_errors(config.resources.device):
         device = select_device(config.resources.device)
-    odf = fit_odf(run.dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, md=run.md,
+    odf = fit_odf(run.odf_dwi, run.mask, model, stage.params["SHOrder"], fa=run.fa, md=run.md,
                   nthreads=config.resources.nthreads, memory_budget=memory_budget(config.resources),
                   device=device, progress=config.execution.progress)
     _warn_all(run.inp.label, model.upper(), odf.downgrades)
     enc = {"Type": "sh", "Reference": "xyz", "SphericalHarmonicBasis": SH_BASIS_BIDS,
            "SphericalHarmonicDegree": odf.sh_order}
     meta = {"Description": odf.description, "URL": "https://dipy.org", "Parameters": odf.parameters}
+    if run.angular_sr:
+        meta["Parameters"] = {**odf.parameters, "AngularSuperResolution": sidecar_path(out.angsr[0]).name}
     t = run.gradient_transform
     table = IDENTITY if t is None else next((k for k, m in candidates() if np.allclose(m, t)), "custom")
     extra = {"GradientTable": "as given" if table == IDENTITY else f"corrected by the gradient check: {table}"}
@@ -303,6 +326,16 @@ def write_odf(run: RunData, stage: Stage, config: Config) -> None:
     run.odf = (odf.sh, odf.sh_order, odf.gfa)
     log.info("%s: %s fit done in %.1f s (order %d)", run.inp.label, model.upper(), time.perf_counter() - t0,
              odf.sh_order)
+
+
+def write_angsr(run: RunData, stage: Stage, config: Config) -> None:
+    from ..angular_sr.app import write_angsr as predict_and_write
+    predict_and_write(run.dwi, run.mask, run.inp, run.out.angsr, model_path=config.models.angular_sr,
+                      n_new=config.models.sr_directions, device=config.resources.device,
+                      targets=(None if config.models.angular_sr_gradients is None else
+                               (config.models.target_bval, config.models.angular_sr_gradients)),
+                      nthreads=config.resources.nthreads, progress=config.execution.progress,
+                      sidecar=_sidecar(run.source, stage))
 
 
 def write_tractogram(run: RunData, stage: Stage, config: Config, tissue_files: dict | None) -> None:
@@ -370,11 +403,24 @@ def participant_stages(inp: DwiInput, config: Config, out: Outputs, run: RunData
                 params={"Stage": "dti", "FitMethod": "WLS", "Mask": mask_desc, "Frame": "xyz",
                         "GradientCheck": config.models.gradient_check},
                 files=raw + ((inp.mask,) if inp.mask else ()))
+    steps = [(dti, partial(write_dti, run, config=config))]
+    odf_upstream, odf_params = (dti,), {"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order}
+    if config.models.angular_sr is not None:
+        sr_model = config.models.angular_sr
+        grads = config.models.angular_sr_gradients
+        targets = {"DirectionsPerShell": config.models.sr_directions} if grads is None else \
+            {"Gradients": Path(grads).name}
+        angsr = Stage(f"{label}_angsr", outputs=(*out.angsr, sidecar_path(out.angsr[0])), record_dir=out.records,
+                      params={"Stage": "angular-sr", "Model": Path(sr_model).name, **targets},
+                      files=raw + (sr_model,) + ((config.models.target_bval, grads) if grads else ()),
+                      upstream=(dti,))     # the model's and the gradient files' contents are inputs
+        steps.append((angsr, partial(write_angsr, run, config=config)))
+        odf_upstream += (angsr,)
+        odf_params["AngularSR"] = Path(sr_model).name
     odf = Stage(f"{label}_odf-{model}", outputs=_with_sidecars(out.odf_files()), record_dir=out.records,
-                params={"Stage": "odf", "Model": model, "SHOrder": config.models.sh_order, "Frame": "xyz",
-                        "MultiShell": "msmt" if model == "csd" else "lowest shell"},
-                files=raw, upstream=(dti,))
-    steps = [(dti, partial(write_dti, run, config=config)), (odf, partial(write_odf, run, config=config))]
+                params={**odf_params, "Frame": "xyz", "MultiShell": "msmt" if model == "csd" else "lowest shell"},
+                files=raw, upstream=odf_upstream)
+    steps.append((odf, partial(write_odf, run, config=config)))
     qc_inputs = [dti]
     if opts.enabled:
         extra = [opts.seed_mask] if opts.seed_mask else []
@@ -409,19 +455,29 @@ def _report_step(inp: DwiInput, config: Config, out: Outputs, run: RunData, upst
     return stage, partial(write_report, run, output_dir=config.output_dir, stages=names)
 
 
+@functools.lru_cache(maxsize=2)
+def _sr_model_info(path: Path):
+    from ..angular_sr.app import check_model_file
+    return check_model_file(path)
+
+
 def process_run(inp: DwiInput, config: Config) -> str:
     """Run the stages of one DWI run that are not complete; return 'done' or 'skipped'."""
     opts = config.tracking
     out = Outputs(config.output_dir, inp.entities, config.models.odf_model,
                   opts.algorithm if opts.enabled else None, opts.extension)
     run = RunData(inp, out, _source_uri(inp, config.bids_dir, config.selection.input_derivatives),
-                  resources=config.resources)
+                  resources=config.resources, angular_sr=config.models.angular_sr is not None)
     steps = participant_stages(inp, config, out, run)
     if config.execution.reports_only:   # the report alone, from what is on disk
         steps = [(st, work) for st, work in steps if st.key.endswith("_report")]
     if opts.learned:     # the data must feed the model before anything of this run is computed
         from ..learned import check_model_file, check_run
         check_run(inp.bval, check_model_file(opts.tracking_model))
+    if config.models.angular_sr is not None:     # the shells must be the model's before anything is computed
+        from ..angular_sr.app import check_run as check_sr_run
+        check_sr_run(inp.bval, _sr_model_info(config.models.angular_sr),
+                     config.models.target_bval if config.models.angular_sr_gradients else None)
     force = config.execution.force or config.execution.reports_only
     if not plan(steps, force=force):
         log.info("%s: outputs complete, skipping (use --force to recompute)", inp.label)
