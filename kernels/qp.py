@@ -77,12 +77,14 @@ def _forward(L, M, active, q, p, m, n, l):
 
 
 def _backward(L, l, q, n, r):
-    """r = L^-T l."""
+    """r = L^-T l, column-oriented: each solved entry updates the others through a row of L."""
+    for i in range(q):
+        r[i] = l[i]
     for i in range(q - 1, -1, -1):
-        acc = l[i]
-        for j in range(i + 1, q):
-            acc -= L[j * n + i] * r[j]
-        r[i] = acc / L[i * n + i]
+        ri = r[i] / L[i * n + i]
+        r[i] = ri
+        for j in range(i):
+            r[j] -= L[i * n + j] * ri
 
 
 def _drop(L, u, active, flag, k, q, n):
@@ -193,10 +195,12 @@ def gi_solve(y, P, C, K, M, x, wf, wi, max_iter, tol):
             s[k] = b[k]
         for j in range(q):
             _axpy(s, u[j], M, active[j] * m, m)
+        for j in range(q):
+            s[active[j]] = 0.0                            # tight by construction
         p = -1
         worst = -tol * scale
         for k in range(m):
-            if s[k] < worst and flag[k] == 0:
+            if s[k] < worst:
                 worst = s[k]
                 p = k
         if p < 0:

@@ -181,18 +181,6 @@ def test_warm_start_gives_the_cold_minimum_on_msmt_voxels(multishell):
         assert resid < 1e-9 * np.linalg.norm(grad), i
 
 
-def test_cuda_kernel_matches_cpu_on_msmt_voxels(multishell):
-    """The CSD-sized problem (47 unknowns, 364 constraints) through the CUDA build (the simulator
-    in CI): the CPU's minimum."""
-    X, G, Y = _msmt_problem(multishell, n_voxels=40)
-    solver = ConstrainedLeastSquares(X, G.T)
-    cpu, s1 = solver.solve(Y)
-    gpu, s2 = solver.solve(Y, device="cuda", chunk=64)
-    assert (s1 == OK).all() and (s2 == OK).all()
-    scale = np.abs(cpu).max(axis=1, keepdims=True)
-    np.testing.assert_allclose(gpu / scale, cpu / scale, atol=1e-9)
-
-
 def test_single_shell_model_on_multishell_data_says_what_it_left_out(multishell):
     """CSA uses one shell of multi-shell data: a downgrade naming the shells left out."""
     from bids_app.inputs import DwiData
