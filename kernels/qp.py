@@ -22,7 +22,8 @@ added, by Givens rotations per constraint dropped): a step costs O(q^2), a searc
 violated constraint O(m q), and no n x n basis is rotated (Goldfarb and Idnani's J).  The last
 check of feasibility is done on ``x`` itself (``C x``, O(m n)); the active constraints' residual
 is refined once, so the answer meets the KKT conditions to rounding.  Consecutive voxels are
-warm-started from each other's active set.
+warm-started from each other's active set (one whose warm start runs into the iteration limit, a
+degenerate path cycling in rounding, is solved again from scratch).
 
 The algorithm is written once as device functions and compiled by :mod:`kernels.compile` for the
 CPU (a ``prange`` driver, a few long runs of voxels per thread) and for CUDA (one thread per run of
@@ -273,6 +274,18 @@ def gi_solve(y, P, C, K, M, x, wf, wi, max_iter, tol):
             q -= 1
 
 
+def solve_voxel(y, P, C, K, M, x, wf, wi, max_iter, tol):
+    """:func:`gi_solve` warm-started; if that hits the iteration limit (rounding can make a
+    degenerate path cycle), again from scratch.  Returns the steps of both, or a negative code."""
+    steps = gi_solve(y, P, C, K, M, x, wf, wi, max_iter, tol)
+    if steps != -1:
+        return steps
+    n = x.shape[0]
+    wi[n + C.shape[0] // n] = 0
+    steps = gi_solve(y, P, C, K, M, x, wf, wi, max_iter, tol)
+    return steps + max_iter if steps >= 0 else steps
+
+
 def solve_cpu(Y, P, C, K, M, X, steps, run, nf, ni, max_iter, tol):
     N = Y.shape[0]
     n_runs = (N + run - 1) // run
@@ -284,7 +297,7 @@ def solve_cpu(Y, P, C, K, M, X, steps, run, nf, ni, max_iter, tol):
         for v in range(b * run, min(N, (b + 1) * run)):
             for k in range(Y.shape[1]):
                 y[k] = Y[v, k]
-            steps[v] = gi_solve(y, P, C, K, M, X[v], wf, wi, max_iter, tol)
+            steps[v] = solve_voxel(y, P, C, K, M, X[v], wf, wi, max_iter, tol)
 
 
 def solve_gpu(Y, P, C, K, M, X, steps, run, WF, WI, max_iter, tol):
@@ -295,12 +308,12 @@ def solve_gpu(Y, P, C, K, M, X, steps, run, WF, WI, max_iter, tol):
         wi = WI[b]
         wi[wi.shape[0] - 1] = 0
         for v in range(b * run, min(N, (b + 1) * run)):
-            steps[v] = gi_solve(Y[v], P, C, K, M, X[v], wf, wi, max_iter, tol)
+            steps[v] = solve_voxel(Y[v], P, C, K, M, X[v], wf, wi, max_iter, tol)
 
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
-_DEVICE = (_dot, _axpy, _forward, _backward, _drop, _multipliers, _primal, gi_solve)
+_DEVICE = (_dot, _axpy, _forward, _backward, _drop, _multipliers, _primal, gi_solve, solve_voxel)
 # reassociation lets LLVM vectorise the dot products and the O(m q) search
 _CPU_OPTIONS = {f.__name__: {"fastmath": {"reassoc", "contract"}} for f in _DEVICE}
 
