@@ -31,6 +31,21 @@ def require_learn_extra(what: str = "--tracking learned") -> None:
         raise UsageError(f"{what} needs {' and '.join(missing)} (the 'learn' extra): {EXTRA_HINT}")
 
 
+def training_record(entries: list, settings, device: str, **extra) -> dict:
+    """The provenance a trained model file carries (train-tracker, train-angular-sr): software, time,
+    training data, settings, device and threads, plus ``extra``."""
+    import datetime
+    from dataclasses import asdict
+
+    import torch
+
+    from . import __version__
+    return {"Software": f"tractoscale {__version__}",
+            "Created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "Data": entries, "Settings": asdict(settings), "Device": device,
+            "Threads": torch.get_num_threads(), **extra}
+
+
 @contextlib.contextmanager
 def model_errors(data: str = "the data cannot feed this model"):
     """The library's model-file and data errors as bad input data (exit 65); ``data`` starts the

@@ -10,10 +10,8 @@ tractogram); ``tractoscale ... participant --tracking learned --tracking-model M
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +166,7 @@ def _library_errors(exc) -> UsageError:
 def run(args) -> int:
     from kernels.errors import DeviceError, ParameterError
 
-    from . import __version__
-    from .learned import model_errors, require_learn_extra
+    from .learned import model_errors, require_learn_extra, training_record
     require_learn_extra("train-tracker")
     pairs = [(Path(a), Path(b)) for a, b in args.pair]
     if args.from_demo is not None:
@@ -189,7 +186,6 @@ def run(args) -> int:
     from .learned import prepare_torch
     prepare_torch(args.nthreads)
 
-    import torch
     from kernels.learned.api import torch_device
     from kernels.learned.modelfile import Architecture, InputSpec, save_model
     from kernels.learned.train import TrainSettings, train_tracker
@@ -224,10 +220,7 @@ def run(args) -> int:
                                    checkpoint=args.checkpoint, resume=args.resume, progress=not args.no_progress)
     except ParameterError as exc:
         raise _library_errors(exc) from None
-    training = {"Software": f"tractoscale {__version__}",
-                "Created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "Data": entries, "Settings": asdict(settings), "Device": device,
-                "Threads": torch.get_num_threads(), **result.summary()}
+    training = training_record(entries, settings, device, **result.summary())
     save_model(out, result.model, spec, arch, training)
     print(f"{out}: {arch.description}; best validation loss {result.best_loss:.4f} at epoch {result.best_epoch} "
           f"of {len(result.history)} ({result.seconds:.0f} s)")

@@ -8,9 +8,7 @@ shells, the patch size and the provenance of its data (file names and SHA-256 of
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputDataError, NoInputError, UsageError
@@ -100,8 +98,7 @@ def load_run(path: Path, shells, percentile: float):
 
 
 def run(args) -> int:
-    from .. import __version__
-    from ..learned import prepare_torch, require_learn_extra
+    from ..learned import prepare_torch, require_learn_extra, training_record
     require_learn_extra("train-angular-sr")
     _check(args)
     paths = list(args.dwi)
@@ -114,7 +111,6 @@ def run(args) -> int:
     from ..derivatives import writable_parent
     out = writable_parent(args.model)
     prepare_torch(args.nthreads)
-    import torch
     from kernels.errors import DeviceError
     from kernels.learned.api import torch_device
 
@@ -140,10 +136,7 @@ def run(args) -> int:
         module, summary = train(runs, hyper, settings, device=device, progress=not args.no_progress)
     except ValueError as exc:
         raise InputDataError(str(exc)) from None
-    training = {"Software": f"tractoscale {__version__}",
-                "Created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "Data": entries, "Settings": asdict(settings), "Size": args.size, "Device": device,
-                "Threads": torch.get_num_threads(), **summary}
+    training = training_record(entries, settings, device, Size=args.size, **summary)
     save_model(out, module, shells=shells, patch=args.patch, q_out=args.q_out, training=training)
     print(f"{out}: PCCNN ({summary['Parameters']} parameters), shells {', '.join(str(int(s)) for s in shells)}; "
           f"L1 loss {summary['FirstLoss']:.3f} -> {summary['FinalLoss']:.3f} in {summary['Seconds']:.0f} s")
